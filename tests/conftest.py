@@ -1,0 +1,50 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from configuration_scstclipcap import SCSTClipCapConfig  # noqa: E402
+
+TINY_WORDS = "a the red blue green circle square triangle small big left right of above below is and".split()
+
+
+def tiny_decoder_config(vocab_size: int = 64) -> dict:
+    return dict(
+        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+
+
+@pytest.fixture
+def make_config():
+    """Factory of tiny configs: `make_config(mapping_type="transformer", freeze_decoder=True)`."""
+
+    def make(**overrides) -> SCSTClipCapConfig:
+        settings = dict(
+            prefix_dim=16, prefix_length=4, clip_length=3, num_mapping_layers=2, num_mapping_heads=2,
+            decoder_config=tiny_decoder_config(),
+        )
+        settings.update(overrides)
+        return SCSTClipCapConfig(**settings)
+
+    return make
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A word-level tokenizer with the project's conventions: pad 0, `<|endoftext|>` 1 as bos/eos, unk 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<|endoftext|>": 1, "<unk>": 2}
+    vocab.update({word: index + 3 for index, word in enumerate(TINY_WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
