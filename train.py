@@ -1,12 +1,344 @@
-"""Training entry point of SCSTClipCap.
+"""The one training entry point of SCSTClipCap.
 
-    python train.py
+    python train.py                                         # the offline shapes world, whole recipe, report
+    python train.py --config configs/coco_shutterstock.yaml --stage init
+    python train.py --config configs/shapes.yaml --stage init --noise_std 0.05 --output_dir runs/noise05
+    accelerate launch train.py --config configs/coco_shutterstock.yaml --stage init
+    torchrun --nproc_per_node 2 train.py --config ...
 
-The training stages are not part of this version yet: this command says so and exits with status 2.
+Stages: `init` (text-only initialization), `supervised` (plain ClipCap on true pairs: an upper bound), `eval`
+(captions and metrics of a checkpoint on the test split), `all` (every stage of the recipe, then the report).
+A recipe YAML holds common settings at the top level and per-stage settings under `init:`, `supervised:`,
+`eval:`; command-line flags override both. Any `TrainingArguments` flag works (`--learning_rate`,
+`--per_device_train_batch_size`, `--report_to`, ...).
 """
 
+import hashlib
+import json
+import os
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import load_from_disk
+from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
+
+from configuration_scstclipcap import SCSTClipCapConfig
+from dataprep.clip import check_clip_metadata, describe_clip, read_clip_metadata
+from modeling_scstclipcap import SCSTClipCapForCaptioning
+from trainers import CaptionEvaluator, InitConfig, InitTrainer
+
+# In-process the project's own classes serve the Auto API, so saved folders load without remote code.
+AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)
+AutoModel.register(SCSTClipCapConfig, SCSTClipCapForCaptioning)
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEFAULT_RECIPE = PROJECT_ROOT / "configs" / "shapes.yaml"
+STAGES = ("init", "supervised", "scst", "eval", "all")
+RECIPE_STAGES = ("init", "supervised", "eval")
+
+
+@dataclass
+class ScriptArguments:
+    """What to run, on which tables, with which model."""
+
+    stage: str = field(default="all", metadata={"help": "init | supervised | scst | eval | all", "choices": STAGES})
+    config: str | None = field(default=None, metadata={"help": "Recipe YAML; command-line flags override it."})
+
+    # Tables (from prepare_datasets.py)
+    corpus_table: str | None = field(default=None, metadata={"help": "Corpus table (text + CLIP text features)."})
+    train_table: str | None = field(default=None, metadata={"help": "Unpaired training images table."})
+    pseudo_pairs_table: str | None = field(default=None, metadata={"help": "Pseudo-pairs table (init's lambda1)."})
+    val_table: str | None = field(default=None, metadata={"help": "Validation images with references."})
+    test_table: str | None = field(default=None, metadata={"help": "Test images with references."})
+    val_scenes: str | None = field(default=None, metadata={"help": "Shapes world only: scenes JSON of val."})
+    test_scenes: str | None = field(default=None, metadata={"help": "Shapes world only: scenes JSON of test."})
+    shapes_dir: str | None = field(
+        default=None, metadata={"help": "Build the offline shapes world here first when it is missing."}
+    )
+
+    # Model
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from this SCSTClipCap checkpoint (folder or Hub id)."}
+    )
+    init_from_stage: str | None = field(
+        default=None, metadata={"help": "Start from the final model of this earlier stage of the same run."}
+    )
+    decoder_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained GPT-2 for a new model (e.g. gpt2)."}
+    )
+    decoder_config: str | None = field(
+        default=None, metadata={"help": "JSON file of a GPT-2 shape for a new model trained from scratch."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Caption tokenizer; defaults to the model's or the decoder's."}
+    )
+    mapping_type: str = field(default="mlp", metadata={"help": "mlp | transformer", "choices": ("mlp", "transformer")})
+    prefix_length: int = field(default=10, metadata={"help": "GPT-2 embeddings per image."})
+    clip_length: int = field(default=10, metadata={"help": "Transformer mapper: CLIP tokens."})
+    num_mapping_layers: int = field(default=8, metadata={"help": "Transformer mapper: layers."})
+    normalize_prefix: bool = field(default=False, metadata={"help": "L2-normalise CLIP embeddings first."})
+    freeze_decoder: bool = field(default=False, metadata={"help": "Keep GPT-2 fixed (Transformer variant)."})
+
+
+def read_recipe(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        recipe = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(f"cannot read the recipe {path}: {error}")
+    if not isinstance(recipe, dict):
+        raise SystemExit(f"the recipe {path} must be a mapping of settings, got {type(recipe).__name__}")
+    return recipe
+
+
+def recipe_defaults(recipe: dict, stage: str) -> dict:
+    """Top-level settings, then the stage's own section on top."""
+    common = {key: value for key, value in recipe.items() if key not in STAGES}
+    return {**common, **(recipe.get(stage) or {})}
+
+
+def parse_stage(stage: str, recipe: dict, argv: list[str]) -> tuple[ScriptArguments, InitConfig]:
+    """The settings of one stage: its dataclasses' defaults < recipe < command line."""
+    if not torch.cuda.is_available():
+        # Without a GPU only the CPU backend synchronises several processes.
+        recipe = {**recipe, "use_cpu": True}
+    parser = HfArgumentParser((ScriptArguments, InitConfig))
+    defaults = recipe_defaults(recipe, stage)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise SystemExit(f"unknown settings in the recipe (stage {stage}): {', '.join(unknown)}")
+    parser.set_defaults(**defaults)
+    script, config = parser.parse_args_into_dataclasses(args=argv)
+    script.stage = stage
+    return script, config
+
+
+def check_launch(state: PartialState):
+    """Refuse a multi-process launch that the accelerator does not see: its ranks would train unsynchronised."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and state.num_processes != world_size:
+        raise SystemExit(
+            f"WORLD_SIZE={world_size} but the accelerator sees {state.num_processes} process(es) "
+            f"({state.distributed_type}): the ranks would not synchronise. On CPU launch with "
+            "`torchrun --nproc_per_node N train.py ...`; on GPUs with `accelerate launch --multi_gpu ...`."
+        )
+
+
+def start_processes(config: InitConfig) -> PartialState:
+    """The process group, checked."""
+    state = PartialState(cpu=config.use_cpu)
+    check_launch(state)
+    return state
+
+
+def prepare_world(script: ScriptArguments, state: PartialState):
+    """Build the shapes world when the recipe asks for it and its tables are missing (main process only)."""
+    if script.shapes_dir is None:
+        return
+    if state.is_main_process and not (Path(script.shapes_dir) / "tables" / "manifest.json").is_file():
+        from dataprep.world import prepare_shapes
+
+        prepare_shapes(script.shapes_dir)
+    state.wait_for_everyone()
+
+
+def load_table(path: str | None, what: str):
+    if path is None:
+        raise SystemExit(f"this stage needs the {what} table: set it in the recipe or with --{what}_table")
+    if not Path(path).exists():
+        raise SystemExit(f"the {what} table {path} does not exist: make it with prepare_datasets.py")
+    return load_from_disk(path)
+
+
+def check_tables_share_a_clip(tables: dict[str, str], model_config: SCSTClipCapConfig | None = None) -> dict:
+    """All tables must come from one CLIP, and from the model's CLIP when the model already exists."""
+    metas = {name: read_clip_metadata(path) for name, path in tables.items() if path is not None}
+    first_name, first = next(iter(metas.items()))
+    for name, meta in metas.items():
+        check_clip_metadata(meta, first, f"{name} table {tables[name]} (vs the {first_name} table)")
+    if model_config is not None and first.get("dim") not in (None, model_config.prefix_dim):
+        raise SystemExit(
+            f"the tables hold {first['dim']}-d features of {describe_clip(first)}, but the model expects "
+            f"prefix_dim={model_config.prefix_dim} from {model_config.clip_model_name}: use tables of the model's CLIP."
+        )
+    return first
+
+
+def stage_dir(config: InitConfig, stage: str) -> Path:
+    return Path(config.output_dir) / stage
+
+
+def build_model(script: ScriptArguments, config: InitConfig, clip_meta: dict, tokenizer):
+    """A checkpoint, a new model around a pretrained GPT-2, or a new model from a GPT-2 shape."""
+    source = script.model_name_or_path
+    if script.init_from_stage:
+        source = str(stage_dir(config, script.init_from_stage) / "final")
+    if source:
+        return SCSTClipCapForCaptioning.from_pretrained(source)
+    settings = dict(
+        prefix_dim=clip_meta["dim"], prefix_length=script.prefix_length, mapping_type=script.mapping_type,
+        clip_length=script.clip_length, num_mapping_layers=script.num_mapping_layers,
+        normalize_prefix=script.normalize_prefix, freeze_decoder=script.freeze_decoder,
+        clip_model_name=clip_meta["model_name"], clip_pretrained=clip_meta.get("pretrained"),
+    )
+    if script.decoder_name_or_path:
+        return SCSTClipCapForCaptioning.from_decoder_pretrained(script.decoder_name_or_path, **settings)
+    if script.decoder_config is None:
+        raise SystemExit("a new model needs --decoder_name_or_path (e.g. gpt2) or --decoder_config (a GPT-2 JSON)")
+    decoder = GPT2Config.from_json_file(script.decoder_config)
+    decoder.vocab_size = len(tokenizer)
+    decoder.bos_token_id = decoder.eos_token_id = tokenizer.eos_token_id
+    decoder.pad_token_id = tokenizer.pad_token_id
+    return SCSTClipCapForCaptioning(SCSTClipCapConfig(decoder_config=decoder.to_dict(), **settings))
+
+
+def load_tokenizer(script: ScriptArguments, config: InitConfig):
+    source = script.tokenizer_name_or_path or script.model_name_or_path or script.decoder_name_or_path
+    if script.init_from_stage:
+        source = str(stage_dir(config, script.init_from_stage) / "final")
+    if source is None:
+        raise SystemExit("no caption tokenizer: set --tokenizer_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def make_evaluator(script: ScriptArguments, config: InitConfig, tokenizer, split: str, output_dir: Path):
+    table_path = script.val_table if split == "val" else script.test_table
+    if table_path is None:
+        return None
+    extra_metrics = []
+    scenes_path = script.val_scenes if split == "val" else script.test_scenes
+    if scenes_path:
+        from dataprep.shapes import grounding_scores
+
+        scenes = json.loads(Path(scenes_path).read_text())
+        extra_metrics.append(lambda predictions: flat_grounding(grounding_scores(predictions, scenes)))
+    return CaptionEvaluator(
+        load_table(table_path, split), tokenizer, output_dir / f"{split}_predictions",
+        generation_kwargs=dict(max_new_tokens=config.eval_max_new_tokens, num_beams=config.eval_num_beams),
+        batch_size=config.per_device_eval_batch_size * 8, extra_metrics=extra_metrics,
+    )
+
+
+def flat_grounding(scores: dict) -> dict[str, float]:
+    """Grounding scores as flat metric names: attribute_precision, attribute_recall, colour_precision, ..."""
+    flat = {f"attribute_{name}": float(scores[name]) for name in ("precision", "recall") if scores[name] is not None}
+    for kind, values in scores["per_type"].items():
+        flat.update({f"{kind}_{name}": float(value) for name, value in values.items() if value is not None})
+    return flat
+
+
+def verify_ranks_agree(model, state: PartialState) -> str:
+    """A fingerprint of the weights, identical on every rank, or a loud failure."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    fingerprints = gather_object([digest.hexdigest()])
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"the ranks ended with different weights: {fingerprints}")
+    return fingerprints[0]
+
+
+def run_training_stage(script: ScriptArguments, config: InitConfig, state: PartialState) -> dict:
+    """`init` (text-only) or `supervised` (true pairs, no noise, no extra terms)."""
+    output_dir = stage_dir(config, script.stage)
+    config.output_dir = str(output_dir)
+    tokenizer = load_tokenizer(script, config)
+    if script.stage == "supervised":
+        train_images = load_table(script.train_table, "train")
+        corpus = train_images.map(
+            lambda batch: {"text": [r for refs in batch["references"] for r in refs],
+                           "clip_features": [f for f, refs in zip(batch["clip_features"], batch["references"])
+                                             for _ in refs]},
+            batched=True, remove_columns=train_images.column_names,
+        )
+        if len(corpus) == 0:
+            raise SystemExit(f"the supervised stage needs references in the train table {script.train_table}")
+        config.noise_std, config.pseudo_pair_weight, config.mmd_weight = 0.0, 0.0, 0.0
+        tables = {"train": script.train_table, "val": script.val_table}
+    else:
+        corpus = load_table(script.corpus_table, "corpus")
+        tables = {"corpus": script.corpus_table, "train": script.train_table,
+                  "pseudo_pairs": script.pseudo_pairs_table, "val": script.val_table}
+    clip_meta = check_tables_share_a_clip(tables)
+    model = build_model(script, config, clip_meta, tokenizer)
+    check_tables_share_a_clip(tables, model.config)
+    pseudo_pairs = load_table(script.pseudo_pairs_table, "pseudo_pairs") if config.pseudo_pair_weight > 0 else None
+    images = load_table(script.train_table, "train") if config.mmd_weight > 0 else None
+    trainer = InitTrainer(
+        model=model, args=config, corpus=corpus, processing_class=tokenizer, pseudo_pairs=pseudo_pairs,
+        images=images, evaluator=make_evaluator(script, config, tokenizer, "val", output_dir),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    minutes = (time.perf_counter() - started) / 60
+    final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))
+    fingerprint = verify_ranks_agree(trainer.accelerator.unwrap_model(trainer.model), state)
+    info = {"stage": script.stage, "distributed_type": str(state.distributed_type),
+            "num_processes": state.num_processes, "weights_sha256": fingerprint,
+            "train_minutes": round(minutes, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
+            "global_step": trainer.state.global_step}
+    if state.is_main_process:
+        (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialState, model_dir: str) -> dict:
+    """Captions and metrics of the model in `model_dir` on the test split."""
+    model = SCSTClipCapForCaptioning.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_tables_share_a_clip({"test": script.test_table}, model.config)
+    output_dir = Path(model_dir)
+    evaluator = make_evaluator(script, config, tokenizer, "test", output_dir)
+    if evaluator is None:
+        raise SystemExit("the eval stage needs --test_table")
+    from accelerate import Accelerator
+
+    metrics = evaluator(model, Accelerator(cpu=not torch.cuda.is_available()), step=0)
+    if state.is_main_process:
+        (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = HfArgumentParser(ScriptArguments).parse_known_args(argv)[0]
+    recipe = read_recipe(head.config or (str(DEFAULT_RECIPE) if not argv else None))
+    stage = head.stage
+    if stage == "scst":
+        raise SystemExit("the scst stage is not available in this version yet")
+    stages = RECIPE_STAGES if stage == "all" else (stage,)
+    state = None
+    results = {}
+    for current in stages:
+        script, config = parse_stage(current, recipe, argv)
+        state = state or start_processes(config)
+        set_seed(config.seed)
+        prepare_world(script, state)
+        if current == "eval":
+            for trained in [s for s in results if s != "eval"] or [script.model_name_or_path]:
+                model_dir = str(stage_dir(config, trained) / "final") if trained in results else trained
+                results.setdefault("eval", {})[trained] = run_eval_stage(script, config, state, model_dir)
+        else:
+            results[current] = run_training_stage(script, config, state)
+    if stage == "all" and state.is_main_process:
+        from tools.report import write_report
+
+        write_report(Path(config.output_dir), results)
+    return results
+
 
 if __name__ == "__main__":
-    sys.exit("train.py: the training stages are not available in this version yet; "
-             "see README.md for what the project provides today.")
+    main()

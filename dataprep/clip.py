@@ -1,0 +1,390 @@
+"""open_clip loading, the CLIP metadata every table carries, and batched feature extraction.
+
+Any open_clip model works: a built-in architecture with a pretrained tag or checkpoint file
+(`load_clip("ViT-B-32", "openai")`, `load_clip("ViT-B-32", "/ckpt/epoch_32.pt")`), weights from
+the Hugging Face Hub (`load_clip("ViT-B-32", "hf-hub:org/repo")` or `load_clip("hf-hub:org/repo")`),
+or an open_clip folder (`load_clip("local-dir:data/shapes/raw/clip")`).
+
+Metadata stored with every table (JSON in `DatasetInfo.description`, under the key "clip", which
+survives save_to_disk / load_from_disk, select, map, shuffle, add_column and concatenation):
+
+    {"model_name": "ViT-B-32", "pretrained": "openai", "dim": 512, "normalized": true,
+     "weights_sha256": null, "logit_scale": 100.0}
+
+Features are always stored L2-normalised (`normalized: true`). `weights_sha256` identifies weights
+that live in local files (a `local-dir:` folder or a checkpoint file), so a folder that moved still
+matches and a CLIP retrained in place does not; `logit_scale` is the CLIP's own exp(logit_scale).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_PRETRAINED = "openai"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_HASH_CHUNK = 1 << 22
+
+
+class ClipMismatchError(ValueError):
+    """A table was made with another CLIP than the model or the other tables it is used with."""
+
+
+def has_schema(model_name: str) -> bool:
+    """True for `local-dir:` / `hf-hub:` names, whose weights come with the model source."""
+    return model_name.startswith((LOCAL_DIR, HF_HUB))
+
+
+def _checkpoint_path(model_name: str, pretrained: str | None) -> str | None:
+    """The local file open_clip should load for `pretrained`, downloading a `hf-hub:` checkpoint."""
+    if has_schema(model_name) or not pretrained:
+        return None
+    if pretrained.startswith(HF_HUB):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return download_pretrained_from_hf(pretrained[len(HF_HUB):])
+    return pretrained
+
+
+def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+    """Load an open_clip model in eval mode, frozen. Returns (model, preprocess, tokenizer).
+
+    `pretrained` is a tag (`openai`), a checkpoint file or `hf-hub:ID`; it is ignored for
+    `local-dir:` and `hf-hub:` model names. A built-in architecture without `pretrained` is
+    refused: its random weights would give meaningless features.
+    """
+    if not has_schema(model_name) and not pretrained:
+        raise ValueError(
+            f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint file "
+            f"or hf-hub:ID); use a 'local-dir:' or 'hf-hub:' model name for a self-contained model")
+    if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR):]).is_dir():
+        raise FileNotFoundError(f"CLIP folder not found: {model_name[len(LOCAL_DIR):]}")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=_checkpoint_path(model_name, pretrained), device=device)
+    model.eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _sha256_of_files(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_sha256(paths: tuple[Path, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    return _sha256_of_files(paths)
+
+
+def weights_fingerprint(model_name: str, pretrained: str | None) -> str | None:
+    """sha256 of the local files that hold the CLIP (config + weights), None for tags and Hub ids."""
+    if model_name.startswith(LOCAL_DIR):
+        folder = Path(model_name[len(LOCAL_DIR):])
+        if not folder.is_dir():
+            return None
+        files = [folder / "open_clip_config.json"] + [
+            path for path in sorted(folder.iterdir()) if path.suffix in WEIGHT_SUFFIXES]
+        files = [path for path in files if path.is_file()]
+    elif not has_schema(model_name) and pretrained and os.path.isfile(pretrained):
+        files = [Path(pretrained)]
+    else:
+        return None
+    stamps = tuple((path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    return _cached_sha256(tuple(path.resolve() for path in files), stamps)
+
+
+def clip_metadata(model_name: str, pretrained: str | None, dim: int | None, normalized: bool | None,
+                  logit_scale: float | None = None) -> dict:
+    """The record of which CLIP made a table. `dim` / `normalized` None mean "not checked"."""
+    return {
+        "model_name": model_name,
+        "pretrained": None if has_schema(model_name) else pretrained,
+        "dim": dim,
+        "normalized": normalized,
+        "weights_sha256": weights_fingerprint(model_name, pretrained),
+        "logit_scale": logit_scale,
+    }
+
+
+def describe_clip(meta: dict) -> str:
+    """Human-readable one-liner of a CLIP metadata record."""
+    text = meta.get("model_name", "?")
+    if meta.get("pretrained"):
+        text += f" (pretrained {meta['pretrained']})"
+    details = []
+    if meta.get("dim") is not None:
+        details.append(f"D={meta['dim']}")
+    if meta.get("normalized") is not None:
+        details.append("normalised" if meta["normalized"] else "not normalised")
+    if meta.get("weights_sha256"):
+        details.append(f"weights sha256 {meta['weights_sha256'][:12]}")
+    return text + (f" [{', '.join(details)}]" if details else "")
+
+
+def read_table_description(table: "str | os.PathLike | object") -> dict:
+    """The JSON description of a table written by prepare_datasets.py (a path or a Dataset)."""
+    if isinstance(table, (str, os.PathLike)):
+        info_file = Path(table) / "dataset_info.json"
+        if not info_file.is_file():
+            raise FileNotFoundError(f"{table} is not a saved table (no dataset_info.json)")
+        description = json.loads(info_file.read_text()).get("description", "")
+        where = str(table)
+    else:
+        description = table.info.description
+        where = "this dataset"
+    try:
+        parsed = json.loads(description or "")
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("clip"), dict):
+        raise ValueError(f"{where} has no CLIP metadata (tables written by prepare_datasets.py have it)")
+    return parsed
+
+
+def read_clip_metadata(table: "str | os.PathLike | object") -> dict:
+    """The CLIP metadata of a saved table folder or of a loaded `datasets.Dataset`."""
+    return read_table_description(table)["clip"]
+
+
+def _canonical_name(model_name: str) -> str:
+    if model_name.startswith(LOCAL_DIR):
+        return LOCAL_DIR + str(Path(model_name[len(LOCAL_DIR):]).resolve())
+    return model_name if has_schema(model_name) else model_name.replace("/", "-")
+
+
+def _canonical_pretrained(pretrained: str | None) -> str | None:
+    if pretrained and os.path.isfile(pretrained):
+        return str(Path(pretrained).resolve())
+    return pretrained
+
+
+def same_clip(first: dict, second: dict) -> bool:
+    """Same weights: by fingerprint where both have one, otherwise by model name and pretrained."""
+    if first.get("weights_sha256") and second.get("weights_sha256"):
+        return first["weights_sha256"] == second["weights_sha256"]
+    return (_canonical_name(first["model_name"]) == _canonical_name(second["model_name"])
+            and _canonical_pretrained(first.get("pretrained")) == _canonical_pretrained(second.get("pretrained")))
+
+
+def check_clip_metadata(found: dict, expected: dict, what: str) -> None:
+    """Raise ClipMismatchError unless `found` (the table `what`) matches `expected`.
+
+    `dim` / `normalized` are compared only where `expected` gives them.
+    """
+    problems = []
+    if not same_clip(found, expected):
+        problems.append("different CLIP weights")
+    for key in ("dim", "normalized"):
+        if expected.get(key) is not None and found.get(key) != expected[key]:
+            problems.append(f"{key} {found.get(key)} != {expected[key]}")
+    if problems:
+        raise ClipMismatchError(
+            f"{what} was made with CLIP {describe_clip(found)}, but CLIP {describe_clip(expected)} "
+            f"is expected ({'; '.join(problems)}). Rebuild it with the expected CLIP "
+            f"(prepare_datasets.py --clip-model/--clip-pretrained, --overwrite) or use matching tables.")
+
+
+def embedding_dim(model: torch.nn.Module, tokenizer: Callable) -> int:
+    """D of the joint embedding space, from one tiny text forward (works for every open_clip model)."""
+    with torch.inference_mode():
+        device = next(model.parameters()).device
+        return int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+
+
+def _logit_scale(model: torch.nn.Module) -> float | None:
+    scale = getattr(model, "logit_scale", None)
+    return None if scale is None else float(scale.detach().exp().reshape(-1)[0])
+
+
+@dataclass
+class LoadedClip:
+    """A frozen open_clip model with its preprocessing, tokenizer and the metadata its tables get."""
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    metadata: dict
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+        model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
+        meta = clip_metadata(model_name, pretrained, embedding_dim(model, tokenizer), True, _logit_scale(model))
+        return cls(model, preprocess, tokenizer, meta, torch.device(device))
+
+
+@dataclass
+class FeatureBatch:
+    """Features of the inputs at `indices` (positions in the encoded sequence), and those that failed."""
+
+    indices: list[int]
+    features: torch.Tensor
+    failures: list[tuple[int, str, str]]
+
+
+def _open_rgb(image: "str | os.PathLike | Image.Image") -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as opened:
+        opened.load()
+        return opened.copy()
+
+
+class _ImageInputs(Dataset):
+    """Decodes and preprocesses one image per item; unreadable files become failures, not crashes."""
+
+    def __init__(self, images: Sequence, preprocess: Callable):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        try:
+            image = _open_rgb(self.images[index])
+        except FileNotFoundError as error:
+            return index, None, ("missing_image_file", str(error))
+        except Exception as error:  # a corrupt file raises anything from OSError to zlib/struct errors
+            return index, None, ("corrupt_image", f"{type(error).__name__}: {error}")
+        return index, self.preprocess(image), None
+
+
+def _collate_images(items):
+    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+    failures = [(index, *failure) for index, _, failure in items if failure is not None]
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [index for index, _ in good], pixels, failures
+
+
+class _TextInputs(Dataset):
+    def __init__(self, texts: Sequence[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int):
+        return index, self.texts[index]
+
+
+class _TokenizeBatch:
+    """Tokenizes in the DataLoader workers (picklable, unlike a lambda)."""
+
+    def __init__(self, tokenizer: Callable):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        return [index for index, _ in items], self.tokenizer([text for _, text in items]), []
+
+
+def _single_thread_worker(_worker_id: int) -> None:
+    # Workers decode and preprocess; leaving torch at its default thread count would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+def _loader(inputs: Dataset, collate: Callable, batch_size: int, num_workers: int, device: torch.device):
+    return DataLoader(
+        inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", worker_init_fn=_single_thread_worker if num_workers else None)
+
+
+def _iter_features(loader: DataLoader, encode: Callable, device: torch.device, total: int,
+                   progress: str | None, unit: str) -> Iterator[FeatureBatch]:
+    with tqdm(total=total, desc=progress, unit=unit, disable=progress is None, dynamic_ncols=True) as bar:
+        for indices, inputs, failures in loader:
+            with torch.inference_mode():
+                features = (encode(inputs.to(device, non_blocking=True)).float().cpu() if indices
+                            else torch.empty(0, 0))
+            bar.update(len(indices) + len(failures))
+            yield FeatureBatch(indices, features, failures)
+
+
+def iter_image_features(model: torch.nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
+                        num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True,
+                        progress: str | None = None) -> Iterator[FeatureBatch]:
+    """Stream CLIP image features batch by batch; `images` are paths or PIL images.
+
+    Decoding runs in `num_workers` DataLoader workers; unreadable images are reported in
+    `FeatureBatch.failures` as (position, "missing_image_file" | "corrupt_image", detail).
+    """
+    device = torch.device(device)
+    loader = _loader(_ImageInputs(images, preprocess), _collate_images, batch_size, num_workers, device)
+    encode = functools.partial(model.encode_image, normalize=normalize)
+    yield from _iter_features(loader, encode, device, len(images), progress, "img")
+
+
+def iter_text_features(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
+                       num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True,
+                       progress: str | None = None) -> Iterator[FeatureBatch]:
+    """Stream CLIP text features batch by batch (tokenization runs in the DataLoader workers)."""
+    device = torch.device(device)
+    loader = _loader(_TextInputs(texts), _TokenizeBatch(tokenizer), batch_size, num_workers, device)
+    encode = functools.partial(model.encode_text, normalize=normalize)
+    yield from _iter_features(loader, encode, device, len(texts), progress, "sent")
+
+
+def _gather(batches: Iterator[FeatureBatch]) -> torch.Tensor:
+    parts = []
+    for batch in batches:
+        if batch.failures:
+            position, reason, detail = batch.failures[0]
+            raise ValueError(f"image {position} could not be read ({reason}): {detail}")
+        parts.append(batch.features)
+    # A clone outside inference mode gives ordinary tensors that autograd code may use freely.
+    return torch.cat(parts).clone() if parts else torch.empty(0, 0)
+
+
+def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
+                  num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True) -> torch.Tensor:
+    """CLIP image features [N, D] (float32, CPU) of paths or PIL images; an unreadable image raises ValueError."""
+    batches = iter_image_features(model, preprocess, images, batch_size=batch_size, num_workers=num_workers,
+                                  device=device, normalize=normalize)
+    return _gather(batches)
+
+
+def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
+                 num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True) -> torch.Tensor:
+    """CLIP text features [N, D] (float32, CPU) of `texts`."""
+    batches = iter_text_features(model, tokenizer, texts, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, normalize=normalize)
+    return _gather(batches)
+
+
+def save_local_clip(model: torch.nn.Module, model_cfg: dict, folder: str | os.PathLike) -> str:
+    """Save an open_clip model as a folder that `load_clip("local-dir:<folder>")` reads back.
+
+    Returns the `local-dir:` model name. The folder holds open_clip's own `open_clip_config.json`
+    (model and preprocess config) and `open_clip_model.safetensors`.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    known = open_clip.get_model_preprocess_cfg(model)
+    preprocess_cfg.update({key: (list(value) if isinstance(value, tuple) else value) for key, value in known.items()
+                           if key in ("mean", "std", "interpolation", "resize_mode")})
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return LOCAL_DIR + str(folder)

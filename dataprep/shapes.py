@@ -1,0 +1,936 @@
+"""The shapes world: a small synthetic captioning world that runs the whole method offline.
+
+    python -m dataprep.shapes data/shapes/raw --seed 0          # normally run by `prepare_datasets.py shapes`
+
+Scenes hold one or two coloured shapes (colour, shape, size, grid position, texture; the relation
+between two) on a background, with pixel noise, a brightness gradient and small distractor specks.
+Captions come from a grammar with several phrasings; they mention colour and shape almost always,
+size, position and relation often, texture and background only sometimes, so an image always shows
+more than any one caption says. Two phrasing styles exist: the references and the in-domain corpus
+share one; the cross-domain corpus uses other templates, synonyms and word order.
+
+`build_world` writes the world in the layout of the real sources, so the same `coco` / `corpus`
+commands read it:
+
+    images/<split>/<image_id>.png       splits clip_pretrain, train, val, test
+    annotations/<split>_caption.json    OSCAR coco_caption style [{"image_id", "id", "caption"}]
+    corpus/{in_domain,cross_domain}.txt one sentence a line, describing scenes of no image split
+    corpus/{in_domain,cross_domain}_scenes.json  the scene each line describes (same order)
+    scenes/<split>.json                 {image_id: scene}, the ground truth
+    clip/                               the tiny CLIP, an open_clip `local-dir:` folder
+    tokenizer/                          word-level PreTrainedTokenizerFast (save_pretrained)
+    world.json                          seed, sizes, vocabulary size, CLIP metrics, timings
+
+Scene signatures (background + the objects' attributes) are split between the corpora and the image
+splits by a seeded hash, so no corpus sentence describes a scene of any image split and no two image
+splits share a scene. `grounding_scores` measures how many attribute words of a caption are true of
+its scene (precision) and how many of the scene's attributes a caption mentions (recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- vocabulary (the world as data)
+
+COLOURS = {
+    "red": (212, 44, 44), "green": (44, 168, 72), "blue": (48, 96, 224),
+    "yellow": (236, 204, 40), "purple": (148, 68, 200), "orange": (244, 132, 24),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 0.27, "large": 0.44}  # radius as a share of a grid cell
+TEXTURES = {"solid": 0.55, "striped": 0.15, "dotted": 0.15, "hollow": 0.15}  # sampling weights
+BACKGROUNDS = {"dark": (26, 28, 34), "gray": (116, 116, 112), "light": (224, 222, 210)}
+GRID = (("top left", "top", "top right"), ("left", "center", "right"), ("bottom left", "bottom", "bottom right"))
+CELL_OF = {name: (row, col) for row, names in enumerate(GRID) for col, name in enumerate(names)}
+RELATIONS = ("left of", "right of", "above", "below")
+OBJECT_ATTRIBUTES = ("colour", "shape", "size", "texture", "position")
+ATTRIBUTE_TYPES = ("colour", "shape", "size", "texture", "position", "relation", "background")
+ONE_OBJECT_SHARE = 0.45
+DISTRACTOR_COUNTS = (0.3, 0.3, 0.25, 0.15)  # probability of 0, 1, 2, 3 specks
+
+# The words each phrasing style uses for each attribute value (the content word(s) a parser looks for).
+WORDS = {
+    "in_domain": {
+        "colour": {colour: colour for colour in COLOURS},
+        "shape": {shape: shape for shape in SHAPES},
+        "size": {"small": "small", "large": "large"},
+        "texture": {"solid": "solid", "striped": "striped", "dotted": "dotted", "hollow": "hollow"},
+        "position": {name: name for name in CELL_OF},
+        "relation": {relation: relation for relation in RELATIONS},
+        "background": {"dark": "dark background", "gray": "gray background", "light": "light background"},
+    },
+    "cross_domain": {
+        "colour": {**{colour: colour for colour in COLOURS}, "purple": "violet"},
+        "shape": {"circle": "disc", "square": "box", "triangle": "triangle", "diamond": "rhombus",
+                  "cross": "plus sign"},
+        "size": {"small": "little", "large": "big"},
+        "texture": {"solid": "solid colour", "striped": "stripes", "dotted": "dots", "hollow": "outline"},
+        "position": {"top left": "upper left", "top": "top", "top right": "upper right", "left": "left side",
+                     "center": "middle", "right": "right side", "bottom left": "lower left", "bottom": "bottom",
+                     "bottom right": "lower right"},
+        "relation": {"left of": "left of", "right of": "right of", "above": "over", "below": "under"},
+        "background": {"dark": "black backdrop", "gray": "grey backdrop", "light": "pale backdrop"},
+    },
+}
+# How the content words sit in a sentence: a format string per value ("*" for the others).
+FRAMES = {
+    "in_domain": {
+        "position": {"top": "at the {}", "bottom": "at the {}", "left": "on the {}", "right": "on the {}",
+                     "center": "in the {}", "*": "in the {} corner"},
+        "relation": {"left of": "to the {}", "right of": "to the {}", "*": "{}"},
+        "background": {"*": "on a {}"},
+    },
+    "cross_domain": {
+        "position": {"top": "near the {}", "bottom": "near the {}", "left": "on the {}", "right": "on the {}",
+                     "*": "in the {}"},
+        "texture": {"solid": "in {}", "hollow": "in {}", "*": "with {}"},
+        "background": {"*": "against a {}"},
+    },
+}
+TEXTURE_BEFORE_COLOUR = {"in_domain": True, "cross_domain": False}  # adjective vs trailing phrase
+TEMPLATES = {
+    "in_domain": {
+        "one": ("{np}{bg}.", "there is {np}{bg}.", "an image of {np}{bg}.", "a single {bare}{bg}."),
+        "one_at": ("{np} {pos}{bg}.", "there is {np} {pos}{bg}.", "an image of {np} {pos}{bg}.",
+                   "{np} sitting {pos}{bg}."),
+        "two": ("{np1} and {np2}{bg}.", "two shapes, {np1} and {np2}{bg}.", "an image of {np1} and {np2}{bg}."),
+        "two_rel": ("{np1} {rel} {np2}{bg}.", "{np1} is {rel} {np2}{bg}.", "there is {np1} {rel} {np2}{bg}.",
+                    "an image of {np1} {rel} {np2}{bg}."),
+    },
+    "cross_domain": {
+        "one": ("this picture shows {np}{bg}.", "we see {np}{bg}.", "just {np}{bg}.", "a lone {bare}{bg}."),
+        "one_at": ("{pos}, {np}{bg}.", "this picture shows {np} {pos}{bg}.", "we see {np} {pos}{bg}.",
+                   "{np} placed {pos}{bg}."),
+        "two": ("{np1} next to {np2}{bg}.", "a pair of shapes, {np1} and {np2}{bg}.",
+                "we see {np1} together with {np2}{bg}."),
+        "two_rel": ("{np1} sits {rel} {np2}{bg}.", "we see {np1} {rel} {np2}{bg}.", "{np1} placed {rel} {np2}{bg}.",
+                    "this picture shows {np1} {rel} {np2}{bg}."),
+    },
+}
+
+
+@dataclass(frozen=True)
+class MentionProfile:
+    """Probability that a caption mentions each attribute (texture: of a textured object)."""
+
+    colour: float
+    size: float
+    texture: float
+    position: float  # of the single object
+    pair_position: float  # of the first object of a pair
+    relation: float
+    background: float
+    solid: float = 0.1  # factor on `texture` for saying an untextured object is solid
+
+
+PROFILES = {
+    # the first reference of every val/test image: the core attributes, always
+    "full": MentionProfile(colour=1.0, size=1.0, texture=0.3, position=1.0, pair_position=0.0, relation=1.0,
+                           background=0.15),
+    "reference": MentionProfile(colour=0.9, size=0.5, texture=0.3, position=0.5, pair_position=0.1, relation=0.75,
+                                background=0.15),
+    "cross": MentionProfile(colour=0.85, size=0.7, texture=0.55, position=0.7, pair_position=0.25, relation=0.85,
+                            background=0.35),
+    # the tiny CLIP's own pairs: wordier, both styles, like alt-text rather than captions
+    "pretrain": MentionProfile(colour=0.95, size=0.85, texture=0.6, position=0.85, pair_position=0.3, relation=0.9,
+                               background=0.5),
+}
+REFERENCES_PER_IMAGE = 5
+FULL_REFERENCE_SHARE = 1 / REFERENCES_PER_IMAGE  # a single caption drawn like one of the 5 references
+
+IMAGE_SPLITS = ("clip_pretrain", "train", "val", "test")
+CORPORA = ("in_domain", "cross_domain")
+# Shares of the scene-signature space: each image split and the corpora (together) get their own part.
+PARTITION = (("corpus", 0.35), ("clip_pretrain", 0.25), ("train", 0.20), ("val", 0.08), ("test", 0.12))
+
+CLIP_MODEL_NAME = "ShapesCLIP-Tiny"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+TOKENIZER_SPECIALS = {"pad_token": "<pad>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}
+R1_BLOCK = 100
+
+
+def register_model_config() -> None:
+    """Make `open_clip.create_model("ShapesCLIP-Tiny")` work (idempotent)."""
+    if CLIP_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def clip_model_config() -> dict:
+    return json.loads((MODEL_CONFIG_DIR / f"{CLIP_MODEL_NAME}.json").read_text())
+
+
+IMAGE_SIZE = clip_model_config()["vision_cfg"]["image_size"]
+
+
+def _phrase(style: str, kind: str, value: str) -> str:
+    frames = FRAMES[style].get(kind, {})
+    return frames.get(value, frames.get("*", "{}")).format(WORDS[style][kind][value])
+
+
+def _build_lexicon() -> dict[tuple[str, ...], tuple[str, str]]:
+    lexicon: dict[tuple[str, ...], tuple[str, str]] = {}
+    for style, kinds in WORDS.items():
+        for kind, words in kinds.items():
+            for value, phrase in words.items():
+                key = tuple(phrase.split())
+                if lexicon.setdefault(key, (kind, value)) != (kind, value):
+                    raise ValueError(f"'{phrase}' ({style}) means both {lexicon[key]} and {(kind, value)}")
+    return lexicon
+
+
+LEXICON = _build_lexicon()
+_LONGEST_PHRASE = max(len(key) for key in LEXICON)
+
+# --------------------------------------------------------------------------- seeded streams
+
+
+def _stream_seed(seed: int, *names: object) -> int:
+    digest = hashlib.blake2b("/".join(map(str, (seed, *names))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _unit_hash(seed: int, *names: object) -> float:
+    return _stream_seed(seed, *names) / 2 ** 64
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+def relation_between(first: dict, second: dict) -> str | None:
+    """Relation of `first` to `second` from their grid cells (None unless they share a row or column)."""
+    (row1, col1), (row2, col2) = CELL_OF[first["position"]], CELL_OF[second["position"]]
+    if row1 == row2 and col1 != col2:
+        return "left of" if col1 < col2 else "right of"
+    if col1 == col2 and row1 != row2:
+        return "above" if row1 < row2 else "below"
+    return None
+
+
+def _sample_object(rng: random.Random, position: str) -> dict:
+    return {
+        "colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES), "size": rng.choice(list(SIZES)),
+        "texture": rng.choices(list(TEXTURES), weights=list(TEXTURES.values()))[0], "position": position,
+    }
+
+
+def _pair_positions(rng: random.Random) -> list[str]:
+    """Two cells in one row or one column, top/left first, so the relation is unambiguous."""
+    line = rng.randrange(3)
+    first, second = sorted(rng.sample(range(3), 2))
+    if rng.random() < 0.5:
+        return [GRID[line][first], GRID[line][second]]
+    return [GRID[first][line], GRID[second][line]]
+
+
+def sample_scene(rng: random.Random) -> dict:
+    """A scene's attributes: objects (top/left first), their relation and the background."""
+    if rng.random() < ONE_OBJECT_SHARE:
+        objects = [_sample_object(rng, rng.choice(list(CELL_OF)))]
+    else:
+        positions = _pair_positions(rng)
+        objects = [_sample_object(rng, positions[0])]
+        second = _sample_object(rng, positions[1])
+        while (second["colour"], second["shape"]) == (objects[0]["colour"], objects[0]["shape"]):
+            second = _sample_object(rng, positions[1])
+        objects.append(second)
+    relation = relation_between(*objects) if len(objects) == 2 else None
+    return {"objects": objects, "relation": relation, "background": rng.choice(list(BACKGROUNDS))}
+
+
+def scene_signature(scene: dict) -> tuple:
+    """What makes two scenes the same scene: background and the objects' attributes, not the pixels."""
+    objects = sorted(tuple(obj[key] for key in OBJECT_ATTRIBUTES) for obj in scene["objects"])
+    return (scene["background"], tuple(objects))
+
+
+def scene_part(scene: dict, seed: int) -> str:
+    """The part of the world (an image split, or "corpus") that owns this scene's signature."""
+    point = _unit_hash(seed, "partition", repr(scene_signature(scene)))
+    for part, share in PARTITION:
+        point -= share
+        if point < 0:
+            return part
+    return PARTITION[-1][0]
+
+
+def sample_scene_in(part: str, rng: random.Random, seed: int) -> dict:
+    while True:
+        scene = sample_scene(rng)
+        if scene_part(scene, seed) == part:
+            return scene
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _noun_phrase(obj: dict, style: str, profile: MentionProfile, rng: random.Random) -> str:
+    words = []
+    if rng.random() < profile.size:
+        words.append(_phrase(style, "size", obj["size"]))
+    texture_chance = profile.texture * (profile.solid if obj["texture"] == "solid" else 1.0)
+    texture = _phrase(style, "texture", obj["texture"]) if rng.random() < texture_chance else None
+    if texture and TEXTURE_BEFORE_COLOUR[style]:
+        words.append(texture)
+    if rng.random() < profile.colour:
+        words.append(_phrase(style, "colour", obj["colour"]))
+    words.append(_phrase(style, "shape", obj["shape"]))
+    if texture and not TEXTURE_BEFORE_COLOUR[style]:
+        words.append(texture)
+    return " ".join(words)
+
+
+def describe(scene: dict, style: str, profile: MentionProfile, rng: random.Random) -> str:
+    """One caption of `scene` in phrasing `style`, mentioning attributes as `profile` says."""
+    templates = TEMPLATES[style]
+    background = (" " + _phrase(style, "background", scene["background"])
+                  if rng.random() < profile.background else "")
+    objects = scene["objects"]
+    if len(objects) == 1:
+        bare = _noun_phrase(objects[0], style, profile, rng)
+        at = rng.random() < profile.position
+        template = rng.choice(templates["one_at" if at else "one"])
+        return template.format(np=_with_article(bare), bare=bare, bg=background,
+                               pos=_phrase(style, "position", objects[0]["position"]) if at else "")
+    first, second = rng.sample(objects, 2)
+    np1 = _with_article(_noun_phrase(first, style, profile, rng))
+    np2 = _with_article(_noun_phrase(second, style, profile, rng))
+    if rng.random() < profile.pair_position:
+        np1 += " " + _phrase(style, "position", first["position"])
+    relation = relation_between(first, second)
+    if relation and rng.random() < profile.relation:
+        template = rng.choice(templates["two_rel"])
+        return template.format(np1=np1, np2=np2, rel=_phrase(style, "relation", relation), bg=background)
+    return rng.choice(templates["two"]).format(np1=np1, np2=np2, bg=background)
+
+
+def reference_captions(scene: dict, rng: random.Random, count: int = REFERENCES_PER_IMAGE) -> list[str]:
+    """`count` distinct in-domain references; the first names every core attribute."""
+    captions = [describe(scene, "in_domain", PROFILES["full"], rng)]
+    for _ in range(count - 1):
+        for _attempt in range(20):
+            caption = describe(scene, "in_domain", PROFILES["reference"], rng)
+            if caption not in captions:
+                break
+        captions.append(caption)
+    return captions
+
+
+def single_caption(scene: dict, rng: random.Random) -> str:
+    """One caption drawn like a random one of the references (the train split's only caption)."""
+    profile = PROFILES["full"] if rng.random() < FULL_REFERENCE_SHARE else PROFILES["reference"]
+    return describe(scene, "in_domain", profile, rng)
+
+
+def pretrain_caption(scene: dict, rng: random.Random) -> str:
+    return describe(scene, rng.choice(CORPORA), PROFILES["pretrain"], rng)
+
+
+def corpus_sentence(scene: dict, corpus: str, rng: random.Random) -> str:
+    if corpus == "cross_domain":
+        return describe(scene, "cross_domain", PROFILES["cross"], rng)
+    return single_caption(scene, rng)
+
+
+# --------------------------------------------------------------------------- parsing and grounding
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _starts_longer_phrase(words: list[str], index: int, end: int) -> bool:
+    """Whether a phrase of several words starts at `index` and runs past `end`."""
+    return any(tuple(words[index:index + length]) in LEXICON
+               for length in range(max(2, end - index + 1), _LONGEST_PHRASE + 1) if index + length <= len(words))
+
+
+def _mentions(caption: str) -> list[tuple[str, str, int, int]]:
+    """(type, value, first word, end word) of every attribute phrase, longest phrase first.
+
+    A phrase whose last word starts a longer one gives way ("near the bottom left of a box" is a
+    position "bottom" and a relation "left of", not the position "bottom left").
+    """
+    words = _WORD.findall(caption.lower())
+    found, index = [], 0
+    while index < len(words):
+        for length in range(min(_LONGEST_PHRASE, len(words) - index), 0, -1):
+            hit = LEXICON.get(tuple(words[index:index + length]))
+            if hit and length > 1 and _starts_longer_phrase(words, index + length - 1, index + length):
+                continue
+            if hit:
+                found.append((*hit, index, index + length))
+                index += length
+                break
+        else:
+            index += 1
+    return found
+
+
+def parse_attributes(caption: str) -> list[tuple[str, str]]:
+    """The attributes a caption mentions, in order: [(type, value)], e.g. ("colour", "red"), ("relation", "above").
+
+    Synonyms of both phrasing styles map to the same value ("big" -> ("size", "large")).
+    """
+    return [(kind, value) for kind, value, _, _ in _mentions(caption)]
+
+
+_NOUN_ATTRIBUTES = ("colour", "shape", "size", "texture")
+_TRAILING_TEXTURE_GAP = 1  # "a red disc with stripes": one word between the shape and the texture phrase
+
+
+def _chunk(mentions: list[tuple[str, str, int, int]]) -> list[tuple[str, object]]:
+    """Group object attributes into noun phrases: [("np", {type: value}) | (type, value)] in caption order."""
+    items: list[tuple[str, object]] = []
+    phrase: dict | None = None
+    shape_end = -10
+    for kind, value, start, end in mentions:
+        trailing = kind == "texture" and phrase is not None and start - shape_end <= _TRAILING_TEXTURE_GAP
+        if kind in _NOUN_ATTRIBUTES and phrase is not None and ("shape" not in phrase or trailing) \
+                and kind not in phrase:
+            phrase[kind] = value
+        elif kind in _NOUN_ATTRIBUTES:
+            phrase = {kind: value}
+            items.append(("np", phrase))
+        else:
+            phrase = None
+            items.append((kind, value))
+        if kind == "shape":
+            shape_end = end
+    return items
+
+
+def _matching(objects: list[dict], phrase: dict, keys: Iterable[str]) -> list[dict]:
+    matches = [obj for obj in objects if all(obj[key] == phrase[key] for key in keys if key in phrase)]
+    return matches or objects
+
+
+def _judge(scene: dict, items: list[tuple[str, object]]) -> list[tuple[str, str, bool]]:
+    """(type, value, true of the scene) for every mentioned attribute.
+
+    Colour, size and texture are judged against the objects of the phrase's shape (when the scene has
+    it), a relation against the phrases before and after it, position and background against the scene.
+    """
+    objects = scene["objects"]
+    judged = []
+    for position, (kind, value) in enumerate(items):
+        if kind == "np":
+            owners = _matching(objects, value, ["shape"])
+            for attribute, word in value.items():
+                pool = objects if attribute == "shape" else owners
+                judged.append((attribute, word, any(obj[attribute] == word for obj in pool)))
+        elif kind == "relation":
+            judged.append((kind, value, _relation_holds(objects, items, position, value)))
+        elif kind == "position":
+            judged.append((kind, value, any(obj["position"] == value for obj in objects)))
+        elif kind == "background":
+            judged.append((kind, value, scene["background"] == value))
+    return judged
+
+
+def _relation_holds(objects: list[dict], items: list, position: int, relation: str) -> bool:
+    before = next((phrase for kind, phrase in reversed(items[:position]) if kind == "np"), {})
+    after = next((phrase for kind, phrase in items[position + 1:] if kind == "np"), {})
+    subjects = _matching(objects, before, _NOUN_ATTRIBUTES)
+    others = _matching(objects, after, _NOUN_ATTRIBUTES)
+    return any(relation_between(a, b) == relation for a in subjects for b in others if a is not b)
+
+
+def scene_attributes(scene: dict) -> set[tuple[str, str]]:
+    """What a complete caption could mention: every object's attributes (untextured "solid" aside),
+    the background, and ("relation", "pair") for a pair of objects."""
+    items = {(key, obj[key]) for obj in scene["objects"] for key in OBJECT_ATTRIBUTES
+             if not (key == "texture" and obj[key] == "solid")}
+    items.add(("background", scene["background"]))
+    if len(scene["objects"]) == 2 and relation_between(*scene["objects"]):
+        items.add(("relation", "pair"))
+    return items
+
+
+def caption_grounding(caption: str, scene: dict) -> dict:
+    """Per-type counts for one caption: mentioned / true mentions / scene items / covered items."""
+    judged = _judge(scene, _chunk(_mentions(caption)))
+    covered = {(kind, "pair" if kind == "relation" else value) for kind, value, true in judged if true}
+    items = scene_attributes(scene)
+    counts = {}
+    for kind in ATTRIBUTE_TYPES:
+        mentioned = [true for k, _, true in judged if k == kind]
+        wanted = {item for item in items if item[0] == kind}
+        counts[kind] = {"mentioned": len(mentioned), "true": sum(mentioned),
+                        "items": len(wanted), "covered": len(wanted & covered)}
+    return counts
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def grounding_scores(predictions: dict[str, str], scenes: dict[str, dict]) -> dict:
+    """Attribute precision and recall of captions against their scenes, averaged over images.
+
+    precision: share of the attribute phrases of a caption that are true of its scene (images whose
+    caption names no attribute are left out of it and counted in `captions_without_attributes`);
+    recall: share of the scene's attributes (`scene_attributes`) the caption names truly.
+    Both overall and per attribute type (averaged over the images where the type occurs).
+    """
+    missing = [image_id for image_id in predictions if image_id not in scenes]
+    if missing:
+        raise KeyError(f"{len(missing)} predicted image(s) have no scene, e.g. '{missing[0]}'")
+    precision, recall, empty = [], [], 0
+    per_type = {kind: {"precision": [], "recall": []} for kind in ATTRIBUTE_TYPES}
+    for image_id, caption in predictions.items():
+        counts = caption_grounding(caption, scenes[image_id])
+        mentioned = sum(c["mentioned"] for c in counts.values())
+        if mentioned:
+            precision.append(sum(c["true"] for c in counts.values()) / mentioned)
+        else:
+            empty += 1
+        recall.append(sum(c["covered"] for c in counts.values()) / sum(c["items"] for c in counts.values()))
+        for kind, c in counts.items():
+            if c["mentioned"]:
+                per_type[kind]["precision"].append(c["true"] / c["mentioned"])
+            if c["items"]:
+                per_type[kind]["recall"].append(c["covered"] / c["items"])
+    return {
+        "precision": _mean(precision), "recall": _mean(recall), "num_images": len(predictions),
+        "captions_without_attributes": empty,
+        "per_type": {kind: {name: _mean(values) for name, values in scores.items()}
+                     for kind, scores in per_type.items()},
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+_TEXTURE_DARKNESS = {"striped": 0.35, "dotted": 0.3}
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= radius ** 2
+    if shape == "square":
+        return (np.abs(dx) <= 0.85 * radius) & (np.abs(dy) <= 0.85 * radius)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.15 * radius
+    if shape == "triangle":  # apex up, base at 0.8 radius below the centre
+        return (dy >= -radius) & (dy <= 0.8 * radius) & (np.abs(dx) <= (dy + radius) / 1.8)
+    if shape == "cross":
+        arm = 0.33 * radius
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+    raise ValueError(f"unknown shape '{shape}'")
+
+
+def _paint_object(image: np.ndarray, obj: dict, rng: np.random.Generator, grid: tuple) -> dict:
+    """Paint one object (jittered centre, radius and colour) and return where and how it was drawn."""
+    xx, yy, ix, iy = grid
+    size, cell = image.shape[0], image.shape[0] / 3
+    row, col = CELL_OF[obj["position"]]
+    radius = SIZES[obj["size"]] * cell * rng.uniform(0.93, 1.07)
+    centre = [float(np.clip((index + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell, radius + 0.5, size - radius - 0.5))
+              for index in (col, row)]
+    colour = np.clip(np.array(COLOURS[obj["colour"]]) + rng.uniform(-14, 14, 3), 0, 255)
+    mask = _shape_mask(obj["shape"], xx - centre[0], yy - centre[1], radius)
+    if obj["texture"] == "hollow":
+        mask &= ~_shape_mask(obj["shape"], xx - centre[0], yy - centre[1], radius - max(1.6, 0.28 * radius))
+    image[mask] = colour
+    if obj["texture"] == "striped":
+        image[mask & (((ix + iy) // 2) % 2 == 0)] = colour * _TEXTURE_DARKNESS["striped"]
+    elif obj["texture"] == "dotted":
+        image[mask & (ix % 3 == 1) & (iy % 3 == 1)] = colour * _TEXTURE_DARKNESS["dotted"]
+    return {"center": [round(c, 2) for c in centre], "radius": round(float(radius), 2),
+            "rgb": [int(round(c)) for c in colour]}
+
+
+def _paint_distractors(image: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    """Small specks in object colours, white or black: clutter no caption mentions."""
+    palette = list(COLOURS.values()) + [(240, 240, 240), (10, 10, 10)]
+    specks = []
+    for _ in range(rng.choice(len(DISTRACTOR_COUNTS), p=DISTRACTOR_COUNTS)):
+        x, y = (int(v) for v in rng.integers(0, image.shape[0] - 1, 2))
+        colour = np.clip(np.array(palette[rng.integers(len(palette))]) + rng.uniform(-14, 14, 3), 0, 255)
+        image[y:y + 2, x:x + 2] = colour
+        specks.append({"xy": [x, y], "rgb": [int(round(c)) for c in colour]})
+    return specks
+
+
+def render_scene(scene: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, dict]:
+    """RGB uint8 image [size, size, 3] of `scene`, and the scene completed with its drawn layout."""
+    iy, ix = np.mgrid[0:size, 0:size]
+    grid = (ix + 0.5, iy + 0.5, ix, iy)
+    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float64) + rng.normal(0, 6, 3)
+    slope = rng.uniform(-16, 16, 2)
+    shade = slope[0] * (grid[0] / size - 0.5) + slope[1] * (grid[1] / size - 0.5)
+    image = base[None, None, :] + shade[:, :, None]
+    distractors = _paint_distractors(image, rng)
+    layouts = [_paint_object(image, obj, rng, grid) for obj in scene["objects"]]
+    image += rng.normal(0, 7, image.shape)
+    drawn = {**scene, "objects": [{**obj, **layout} for obj, layout in zip(scene["objects"], layouts)],
+             "distractors": distractors}
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), drawn
+
+
+# --------------------------------------------------------------------------- writing the raw world
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def image_id(split: str, index: int) -> str:
+    return f"shapes_{split}_{index:06d}"
+
+
+def build_image_split(raw_dir: Path, split: str, count: int, seed: int,
+                      caption_fn: Callable[[dict, random.Random], list[str]]) -> tuple[dict, np.ndarray]:
+    """Sample, render and write one image split with its captions and scenes; returns (captions, pixels)."""
+    scene_rng = random.Random(_stream_seed(seed, split, "scenes"))
+    caption_rng = random.Random(_stream_seed(seed, split, "captions"))
+    pixel_rng = np.random.default_rng(_stream_seed(seed, split, "pixels"))
+    folder = raw_dir / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes, captions, annotations = {}, {}, []
+    pixels = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for index in range(count):
+        key = image_id(split, index)
+        scene = sample_scene_in(split, scene_rng, seed)
+        pixels[index], scenes[key] = render_scene(scene, pixel_rng)
+        Image.fromarray(pixels[index]).save(folder / f"{key}.png", format="PNG")
+        captions[key] = caption_fn(scene, caption_rng)
+        first_id = len(annotations)
+        annotations.extend({"image_id": key, "id": first_id + n, "caption": caption}
+                           for n, caption in enumerate(captions[key]))
+    _write_json(raw_dir / "annotations" / f"{split}_caption.json", annotations)
+    _write_json(raw_dir / "scenes" / f"{split}.json", scenes)
+    return captions, pixels
+
+
+def build_corpus(raw_dir: Path, corpus: str, count: int, seed: int) -> list[str]:
+    """`count` distinct sentences about corpus-only scenes, one a line; their scenes beside them."""
+    scene_rng = random.Random(_stream_seed(seed, corpus, "scenes"))
+    caption_rng = random.Random(_stream_seed(seed, corpus, "captions"))
+    sentences, scenes, seen = [], [], set()
+    for _attempt in range(50 * count):
+        if len(sentences) == count:
+            break
+        scene = sample_scene_in("corpus", scene_rng, seed)
+        sentence = corpus_sentence(scene, corpus, caption_rng)
+        if sentence not in seen:
+            seen.add(sentence)
+            sentences.append(sentence)
+            scenes.append(scene)
+    else:
+        raise RuntimeError(f"the grammar gave only {len(sentences)} distinct {corpus} sentences, not {count}")
+    path = raw_dir / "corpus" / f"{corpus}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(sentence + "\n" for sentence in sentences))
+    _write_json(raw_dir / "corpus" / f"{corpus}_scenes.json", scenes)
+    return sentences
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(sentences: Iterable[str], out_dir: str | os.PathLike):
+    """Word-level tokenizer: lowercase, punctuation split off, <pad>=0, <|endoftext|>=1 (bos = eos), <unk>=2.
+
+    Adds no bos/eos by itself; decode(skip_special_tokens=True) gives back the sentence.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [TOKENIZER_SPECIALS["pad_token"], TOKENIZER_SPECIALS["eos_token"], TOKENIZER_SPECIALS["unk_token"]]
+    backend = Tokenizer(models.WordLevel(unk_token=TOKENIZER_SPECIALS["unk_token"]))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, no space before punctuation
+    backend.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=TOKENIZER_SPECIALS["eos_token"], add_bos_token=False,
+        add_eos_token=False, model_max_length=64, **TOKENIZER_SPECIALS)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- the tiny CLIP
+
+
+@dataclass(frozen=True)
+class ClipTraining:
+    steps: int = 700
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+
+
+def _pixel_tensor(pixels: np.ndarray, preprocess_cfg: dict) -> torch.Tensor:
+    """What open_clip's eval preprocess makes of these images (they already have the model's size)."""
+    mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
+    return (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _optimizer(model: torch.nn.Module, settings: ClipTraining) -> torch.optim.Optimizer:
+    # As in open_clip's own training: no weight decay on 1-D parameters (norms, biases) nor on the temperature.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=settings.learning_rate)
+
+
+def _cosine_with_warmup(settings: ClipTraining) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _batches(num_images: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled batches of image indices, a fresh permutation each epoch."""
+    batch_size = min(batch_size, num_images)
+    while True:
+        order = torch.randperm(num_images, generator=generator)
+        for start in range(0, num_images - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+def train_tiny_clip(pixels: np.ndarray, captions: Sequence[Sequence[str]], settings: ClipTraining = ClipTraining(),
+                    seed: int = 0, log_every: int = 50) -> tuple[torch.nn.Module, list[float]]:
+    """Train ShapesCLIP-Tiny from scratch with open_clip's ClipLoss on (image, one of its captions) pairs.
+
+    Returns the model (eval mode) and the loss of every step.
+    """
+    register_model_config()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(CLIP_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
+    flat = [caption for image_captions in captions for caption in image_captions]
+    owner = torch.tensor([index for index, image_captions in enumerate(captions) for _ in image_captions])
+    first = torch.searchsorted(owner, torch.arange(len(captions)))
+    counts = torch.bincount(owner, minlength=len(captions))
+    tokens = tokenizer(flat)
+    images = _pixel_tensor(pixels, model.visual.preprocess_cfg)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = _optimizer(model, settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(settings))
+    loss_fn = open_clip.ClipLoss()
+    max_scale = math.log(100)
+    losses = []
+    model.train()
+    batches = _batches(len(captions), settings.batch_size, generator)
+    for step in range(settings.steps):
+        index = next(batches)
+        pick = first[index] + (torch.rand(len(index), generator=generator) * counts[index]).long()
+        loss = loss_fn(model.encode_image(images[index], normalize=True),
+                       model.encode_text(tokens[pick], normalize=True), model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == settings.steps - 1):
+            logger.info("tiny CLIP step %d/%d loss %.4f temperature %.1f", step + 1, settings.steps, losses[-1],
+                        model.logit_scale.exp().item())
+    return model.eval(), losses
+
+
+def _is_true_of(caption: str, scene: dict) -> bool:
+    return all(c["true"] == c["mentioned"] for c in caption_grounding(caption, scene).values())
+
+
+def retrieval_and_gap(image_features: torch.Tensor, first_reference_features: torch.Tensor,
+                      first_references: Sequence[str], reference_features: torch.Tensor,
+                      scenes: Sequence[dict], block: int = R1_BLOCK) -> dict:
+    """Retrieval R@1 in blocks of `block` images, and the modality gap, from L2-normalised features.
+
+    i2t R@1: in each block of `block` consecutive test images, each image ranks the first references
+    of the block's images (the first reference names every core attribute); a hit is its own first
+    reference on top (or a textually identical one: equal texts have equal features). `i2t_r1_true`
+    also counts as a hit a caption of another image that is entirely true of this image (the block
+    may hold two images with the same description). t2i R@1 is the converse of `i2t_r1`. Modality
+    gap: the distance between the centroids of the image features and of all reference features.
+    """
+    hits_i2t, hits_true, hits_t2i = [], [], []
+    for start in range(0, len(image_features) - block + 1, block):
+        span = slice(start, start + block)
+        similarity = image_features[span] @ first_reference_features[span].T
+        texts, block_scenes = list(first_references[span]), list(scenes[span])
+        best_text, best_image = similarity.argmax(1).tolist(), similarity.argmax(0).tolist()
+        hits_i2t += [texts[best] == texts[own] for own, best in enumerate(best_text)]
+        hits_true += [_is_true_of(texts[best], block_scenes[own]) for own, best in enumerate(best_text)]
+        hits_t2i += [texts[best] == texts[own] for own, best in enumerate(best_image)]
+    gap = (image_features.mean(0) - reference_features.mean(0)).norm()
+    paired = (image_features * first_reference_features).sum(1).mean()
+    return {"i2t_r1": _mean([float(h) for h in hits_i2t]), "i2t_r1_true": _mean([float(h) for h in hits_true]),
+            "t2i_r1": _mean([float(h) for h in hits_t2i]), "r1_images": len(hits_i2t), "r1_block": block,
+            "modality_gap": float(gap), "paired_cosine": float(paired)}
+
+
+def evaluate_saved_clip(clip_dir: Path, image_paths: Sequence[Path], references: Sequence[Sequence[str]],
+                        scenes: Sequence[dict]) -> dict:
+    """Measure the saved CLIP through `local-dir:` exactly as feature extraction will load it."""
+    from .clip import encode_images, encode_texts, load_clip
+
+    model, preprocess, tokenizer = load_clip(f"local-dir:{clip_dir}")
+    images = encode_images(model, preprocess, [str(path) for path in image_paths])
+    firsts = [refs[0] for refs in references]
+    everything = [caption for refs in references for caption in refs]
+    block = min(R1_BLOCK, len(image_paths))
+    return retrieval_and_gap(images, encode_texts(model, tokenizer, firsts), firsts,
+                             encode_texts(model, tokenizer, everything), scenes, block)
+
+
+def save_tiny_clip(model: torch.nn.Module, clip_dir: Path) -> str:
+    from .clip import save_local_clip
+
+    return save_local_clip(model, clip_model_config(), clip_dir)
+
+
+# --------------------------------------------------------------------------- the whole world
+
+_OUTPUTS = ("images", "annotations", "corpus", "scenes", "clip", "tokenizer", "world.json")
+
+
+def _prepare_dir(raw_dir: Path, overwrite: bool) -> None:
+    present = [name for name in _OUTPUTS if (raw_dir / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{raw_dir} already holds a shapes world ({', '.join(present)}); "
+                              f"pass overwrite=True (--overwrite) to rebuild it")
+    for name in present:
+        path = raw_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    raw_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _build_image_splits(raw_dir: Path, seed: int, sizes: dict, pretrain_captions: int) -> tuple[dict, dict]:
+    def pretrain(scene, rng):
+        return [pretrain_caption(scene, rng) for _ in range(pretrain_captions)]
+
+    caption_fns = {"clip_pretrain": pretrain, "train": lambda scene, rng: [single_caption(scene, rng)],
+                   "val": reference_captions, "test": reference_captions}
+    captions, pixels = {}, {}
+    for split in IMAGE_SPLITS:
+        captions[split], pixels[split] = build_image_split(raw_dir, split, sizes[split], seed, caption_fns[split])
+    return captions, pixels
+
+
+def build_world(raw_dir: str | os.PathLike, seed: int = 0, *, n_clip_pretrain: int = 5000,
+                pretrain_captions_per_image: int = 2, n_train: int = 4000, n_val: int = 250, n_test: int = 500,
+                n_in_domain: int = 8000, n_cross_domain: int = 8000, clip_training: ClipTraining = ClipTraining(),
+                num_threads: int | None = None, overwrite: bool = False) -> dict:
+    """Generate, render and write the shapes world under `raw_dir`, train its tiny CLIP and tokenizer.
+
+    Deterministic for a seed (captions, JSON, images, tokenizer and, with the same thread count, the
+    CLIP). `num_threads` sets torch's CPU threads for the build (default: as they are; on a machine
+    shared with other jobs, 1 thread wastes the least). Returns the summary also written to `world.json`.
+    """
+    raw_dir = Path(raw_dir)
+    _prepare_dir(raw_dir, overwrite)
+    sizes = {"clip_pretrain": n_clip_pretrain, "train": n_train, "val": n_val, "test": n_test}
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads or previous_threads)
+    timings, clock = {}, time.perf_counter()
+    try:
+        captions, pixels = _build_image_splits(raw_dir, seed, sizes, pretrain_captions_per_image)
+        corpora = {corpus: build_corpus(raw_dir, corpus, count, seed)
+                   for corpus, count in (("in_domain", n_in_domain), ("cross_domain", n_cross_domain))}
+        timings["scenes_images_captions_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        annotated = [c for split in ("train", "val", "test") for caps in captions[split].values() for c in caps]
+        tokenizer = train_tokenizer(corpora["in_domain"] + corpora["cross_domain"] + annotated,
+                                    raw_dir / "tokenizer")
+        timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        model, losses = train_tiny_clip(pixels["clip_pretrain"], list(captions["clip_pretrain"].values()),
+                                        clip_training, seed)
+        save_tiny_clip(model, raw_dir / "clip")
+        timings["clip_training_s"], clock = time.perf_counter() - clock, time.perf_counter()
+        test_ids = list(captions["test"])
+        test_scenes = json.loads((raw_dir / "scenes" / "test.json").read_text())
+        metrics = evaluate_saved_clip(raw_dir / "clip", [raw_dir / "images" / "test" / f"{key}.png" for key in test_ids],
+                                      [captions["test"][key] for key in test_ids], [test_scenes[key] for key in test_ids])
+        timings["clip_evaluation_s"] = time.perf_counter() - clock
+    finally:
+        torch.set_num_threads(previous_threads)
+    summary = _summary(seed, sizes, pretrain_captions_per_image, corpora, len(tokenizer), clip_training, losses,
+                       metrics, timings)
+    _write_json(raw_dir / "world.json", summary)
+    logger.info("shapes world in %s: tiny CLIP test image-to-text R@1 %.3f (own first reference among those of "
+                "%d images; %.3f counting captions true of the image), modality gap %.3f, %.0f s", raw_dir,
+                metrics["i2t_r1"], metrics["r1_block"], metrics["i2t_r1_true"], metrics["modality_gap"],
+                summary["timings"]["total_s"])
+    return summary
+
+
+def _summary(seed, sizes, pretrain_captions, corpora, vocab_size, settings, losses, metrics, timings) -> dict:
+    tail = losses[-max(1, len(losses) // 20):]
+    return {
+        "seed": seed,
+        "image_size": IMAGE_SIZE,
+        "images": dict(sizes),
+        "captions_per_image": {"clip_pretrain": pretrain_captions, "train": 1, "val": REFERENCES_PER_IMAGE,
+                               "test": REFERENCES_PER_IMAGE},
+        "corpus_sentences": {name: len(sentences) for name, sentences in corpora.items()},
+        "vocab_size": vocab_size,
+        "clip": {
+            "model_name": CLIP_MODEL_NAME, "local_dir": "clip", "embed_dim": clip_model_config()["embed_dim"],
+            "training": {**asdict(settings), "first_loss": losses[0] if losses else None,
+                         "final_loss": _mean(tail)},
+            "test": metrics,
+        },
+        "timings": {**{key: round(value, 2) for key, value in timings.items()},
+                    "total_s": round(sum(timings.values()), 2)},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("raw_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-clip-pretrain", type=int, default=5000)
+    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-val", type=int, default=250)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--n-in-domain", type=int, default=8000)
+    parser.add_argument("--n-cross-domain", type=int, default=8000)
+    parser.add_argument("--clip-steps", type=int, default=ClipTraining.steps)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return build_world(args.raw_dir, args.seed, n_clip_pretrain=args.n_clip_pretrain, n_train=args.n_train,
+                       n_val=args.n_val, n_test=args.n_test, n_in_domain=args.n_in_domain,
+                       n_cross_domain=args.n_cross_domain, clip_training=ClipTraining(steps=args.clip_steps),
+                       num_threads=args.threads, overwrite=args.overwrite)
+
+
+register_model_config()
+
+if __name__ == "__main__":
+    main()

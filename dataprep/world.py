@@ -1,0 +1,112 @@
+"""The shapes world: built once by `dataprep.shapes.build_world`, then prepared by the very same
+`coco` / `corpus` / `aggregate` / `pseudo-pairs` code as real data, with the world's tiny CLIP.
+
+Layout under `<output_dir>` (default data/shapes):
+    raw/                          the world as build_world writes it (images, OSCAR-style captions,
+                                  corpus/*.txt, the tiny CLIP as an open_clip local-dir folder, ...)
+    tables/shapes/{train,val,test}            images tables (train keeps its references, for the
+                                              supervised upper bound)
+    tables/shapes/{val,test}_references.json  COCO-format references
+    tables/corpus/{in_domain,cross_domain}    corpora, and their seeded _init / _real halves
+    tables/shapes/train_agg_<corpus>          train images with CLIP-agg targets
+    tables/shapes/train_pseudo_pairs_<corpus> nearest-sentence pseudo pairs
+    tables/manifest.json                      every path above, the CLIP name and the timings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from .common import ClipRequest, RunOptions
+from .corpus import prepare_corpus
+from .images import prepare_coco
+from .neighbors import aggregate, pseudo_pairs
+
+CORPORA = ("in_domain", "cross_domain")
+GROUP = "shapes"
+
+
+def _world_matches(world: dict, seed: int, sizes: dict) -> bool:
+    """Whether an existing world was built with this seed and these image / corpus counts."""
+    built = {**{f"n_{split}": count for split, count in world.get("images", {}).items()},
+             **{f"n_{name}": count for name, count in world.get("corpus_sentences", {}).items()}}
+    return world.get("seed") == seed and all(built.get(key) == value for key, value in sizes.items()
+                                             if key.startswith("n_"))
+
+
+def _build_world(raw: Path, seed: int, rebuild: bool, sizes: dict) -> tuple[dict, bool]:
+    """The world summary, and whether it was (re)built now."""
+    world_file = raw / "world.json"
+    if world_file.is_file() and not rebuild:
+        world = json.loads(world_file.read_text())
+        if _world_matches(world, seed, sizes):
+            return world, False
+    from .shapes import build_world
+
+    # Without world.json an earlier build did not finish: whatever it left is replaced.
+    return build_world(raw, seed=seed, overwrite=True, **sizes), True
+
+
+def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
+    log(f"== {step}")
+    for report in result["reports"].values():
+        log(f"   {report.summary()}")
+
+
+def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwrite: bool = False,
+                   options: RunOptions | None = None, pretrain_split: float = 0.5,
+                   temperature: float | None = None, log: Callable[[str], None] = print, **sizes) -> dict:
+    """Build (or reuse) the shapes world and all its tables; returns the manifest (also written to disk).
+
+    `sizes` go to `build_world`. A world built anew rebuilds every table, since its CLIP changed.
+    """
+    output_dir = Path(output_dir)
+    raw, tables = output_dir / "raw", output_dir / "tables"
+    options = options or RunOptions()
+    timings = {}
+    started = time.perf_counter()
+    world, rebuilt = _build_world(raw, seed, overwrite, sizes)
+    timings["world"] = time.perf_counter() - started
+    options = replace(options, overwrite=options.overwrite or overwrite or rebuilt)
+    clip = ClipRequest(f"local-dir:{raw / 'clip'}", None, options.device)
+
+    started = time.perf_counter()
+    images = prepare_coco(raw / "images", raw / "annotations", tables, clip, options, train_references=True, name=GROUP)
+    timings["coco"] = time.perf_counter() - started
+    _print_reports("images", images, log)
+
+    manifest = {"root": str(output_dir), "raw": str(raw), "tables": str(tables), "seed": seed,
+                "clip_model": clip.model_name, "tokenizer": str(raw / "tokenizer"), "world": world,
+                **{split: str(path) for split, path in images["tables"].items()},
+                **{f"{split}_references": str(tables / GROUP / f"{split}_references.json") for split in ("val", "test")}}
+    started = time.perf_counter()
+    for corpus in CORPORA:
+        result = prepare_corpus("text", raw / "corpus" / f"{corpus}.txt", tables, clip, options, name=corpus,
+                                pretrain_split=pretrain_split, seed=seed)
+        _print_reports(f"corpus {corpus}", result, log)
+        for part, path in result["tables"].items():
+            manifest[f"corpus_{corpus}" if part == "corpus" else f"corpus_{corpus}_{part}"] = str(path)
+    timings["corpus"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for corpus in CORPORA:
+        result = aggregate(manifest["train"], manifest[f"corpus_{corpus}"], options, temperature=temperature, clip=clip)
+        _print_reports(f"aggregate {corpus}", result, log)
+        manifest[f"train_agg_{corpus}"] = str(result["tables"]["aggregate"])
+        manifest[f"temperature_{corpus}"] = result["temperature"]
+    timings["aggregate"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for corpus in CORPORA:
+        result = pseudo_pairs(manifest["train"], manifest[f"corpus_{corpus}"], options, clip=clip)
+        _print_reports(f"pseudo-pairs {corpus}", result, log)
+        manifest[f"train_pseudo_pairs_{corpus}"] = str(result["tables"]["pseudo_pairs"])
+    timings["pseudo_pairs"] = time.perf_counter() - started
+
+    manifest["timings_s"] = {step: round(seconds, 2) for step, seconds in timings.items()}
+    (tables / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

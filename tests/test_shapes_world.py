@@ -1,0 +1,219 @@
+"""The shapes world: determinism, disjoint splits, references, the saved tiny CLIP and tokenizer, grounding.
+
+    pytest tests/test_shapes_world.py
+"""
+
+import json
+import random
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from dataprep import shapes
+from dataprep.shapes import ClipTraining, build_world, grounding_scores, parse_attributes
+
+TINY = dict(n_clip_pretrain=48, n_train=12, n_val=6, n_test=10, n_in_domain=40, n_cross_domain=40,
+            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1), num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("world") / "raw"
+    return raw, build_world(raw, seed=0, **TINY)
+
+
+def _files(raw, pattern):
+    return {str(path.relative_to(raw)): path.read_bytes() for path in sorted(raw.glob(pattern))}
+
+
+def _world_bytes(raw):
+    return {**_files(raw, "annotations/*.json"), **_files(raw, "scenes/*.json"), **_files(raw, "corpus/*"),
+            **_files(raw, "images/*/*.png"), **_files(raw, "tokenizer/*"), **_files(raw, "clip/*")}
+
+
+def test_same_seed_same_world_other_seed_other_world(world, tmp_path):
+    raw, _ = world
+    again = build_world(tmp_path / "again", seed=0, **TINY)
+    other = build_world(tmp_path / "other", seed=1, **TINY)
+    first, second, third = _world_bytes(raw), _world_bytes(tmp_path / "again"), _world_bytes(tmp_path / "other")
+    images = sum(TINY[f"n_{split}"] for split in shapes.IMAGE_SPLITS)
+    assert sum(name.endswith(".png") for name in first) == images and first == second
+    assert again["clip"]["test"] == json.loads((raw / "world.json").read_text())["clip"]["test"]
+    for name in ("annotations/val_caption.json", "scenes/test.json", "corpus/in_domain.txt",
+                 "images/train/shapes_train_000000.png", "clip/open_clip_model.safetensors"):
+        assert first[name] != third[name], name
+    assert other["seed"] == 1
+
+
+def test_existing_world_is_kept_unless_overwrite(world):
+    raw, _ = world
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_world(raw, seed=0, **TINY)
+
+
+def _scenes(raw):
+    scenes = {split: json.loads((raw / "scenes" / f"{split}.json").read_text()) for split in shapes.IMAGE_SPLITS}
+    for corpus in shapes.CORPORA:
+        listed = json.loads((raw / "corpus" / f"{corpus}_scenes.json").read_text())
+        scenes[corpus] = {f"{corpus}_{index}": scene for index, scene in enumerate(listed)}
+    return scenes
+
+
+def test_splits_are_disjoint_and_complete(world):
+    raw, summary = world
+    scenes = _scenes(raw)
+    signatures = {part: {shapes.scene_signature(scene) for scene in found.values()} for part, found in scenes.items()}
+    corpus_scenes = signatures["in_domain"] | signatures["cross_domain"]
+    for split in shapes.IMAGE_SPLITS:
+        assert not corpus_scenes & signatures[split], split
+        for other in shapes.IMAGE_SPLITS:
+            assert other == split or not signatures[split] & signatures[other], (split, other)
+    ids = [key for split in shapes.IMAGE_SPLITS for key in scenes[split]]
+    assert len(ids) == len(set(ids)) == sum(summary["images"].values())
+    for split in shapes.IMAGE_SPLITS:
+        annotations = json.loads((raw / "annotations" / f"{split}_caption.json").read_text())
+        assert {row["image_id"] for row in annotations} == set(scenes[split])
+        assert len({row["id"] for row in annotations}) == len(annotations)
+        assert all((raw / "images" / split / f"{key}.png").is_file() for key in scenes[split])
+    for corpus in shapes.CORPORA:
+        lines = (raw / "corpus" / f"{corpus}.txt").read_text().splitlines()
+        assert len(lines) == len(set(lines)) == len(scenes[corpus]) == TINY[f"n_{corpus}"]
+
+
+def test_val_and_test_have_five_distinct_true_references(world):
+    raw, _ = world
+    for split in ("val", "test"):
+        scenes = json.loads((raw / "scenes" / f"{split}.json").read_text())
+        references = {}
+        for row in json.loads((raw / "annotations" / f"{split}_caption.json").read_text()):
+            references.setdefault(row["image_id"], []).append(row["caption"])
+        assert all(len(set(captions)) == shapes.REFERENCES_PER_IMAGE for captions in references.values())
+        for number in range(shapes.REFERENCES_PER_IMAGE):
+            scores = grounding_scores({key: refs[number] for key, refs in references.items()}, scenes)
+            assert scores["precision"] == 1.0
+        first = {key: refs[0] for key, refs in references.items()}
+        assert grounding_scores(first, scenes)["per_type"]["colour"]["recall"] == 1.0
+
+
+def test_generated_captions_are_true_of_their_scenes_in_every_style():
+    rng = random.Random(7)
+    captions, scenes = {}, {}
+    for index in range(300):
+        scene = shapes.sample_scene(rng)
+        for style, profile in (("in_domain", "reference"), ("cross_domain", "cross"), ("cross_domain", "pretrain")):
+            key = f"{index}_{style}_{profile}"
+            captions[key], scenes[key] = shapes.describe(scene, style, shapes.PROFILES[profile], rng), scene
+    scores = grounding_scores(captions, scenes)
+    assert scores["precision"] == 1.0 and scores["captions_without_attributes"] == 0
+    assert all(scores["per_type"][kind]["precision"] == 1.0 for kind in shapes.ATTRIBUTE_TYPES)
+
+
+def test_every_phrase_of_the_grammar_parses_to_its_value():
+    for style, kinds in shapes.WORDS.items():
+        for kind, values in kinds.items():
+            for value in values:
+                assert parse_attributes(shapes._phrase(style, kind, value)) == [(kind, value)], (style, kind, value)
+
+
+def test_cross_domain_corpus_is_phrased_differently(world):
+    raw, _ = world
+    in_domain = (raw / "corpus" / "in_domain.txt").read_text().split()
+    cross = (raw / "corpus" / "cross_domain.txt").read_text().split()
+    only_cross = set(cross) - set(in_domain)
+    assert {"big", "little"} & only_cross and len(only_cross) >= 5
+
+
+def test_saved_clip_loads_through_local_dir(world):
+    raw, summary = world
+    clip_dir = raw / "clip"
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    model.eval()
+    path = raw / "images" / "test" / "shapes_test_000000.png"
+    pixels = preprocess(Image.open(path).convert("RGB")).unsqueeze(0)
+    seen_in_training = shapes._pixel_tensor(np.array(Image.open(path))[None], model.visual.preprocess_cfg)
+    assert torch.allclose(pixels, seen_in_training, atol=1e-6)
+    dim = shapes.clip_model_config()["embed_dim"]
+    with torch.no_grad():
+        assert model.encode_image(pixels).shape == (1, dim)
+        assert model.encode_text(tokenizer(["a large red circle on the left."])).shape == (1, dim)
+    assert summary["clip"]["embed_dim"] == dim
+    assert 0.0 <= summary["clip"]["test"]["i2t_r1"] <= 1.0 and summary["clip"]["test"]["modality_gap"] > 0
+
+
+def test_architecture_is_registered_with_open_clip():
+    model = open_clip.create_model(shapes.CLIP_MODEL_NAME)
+    assert model.visual.image_size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+
+
+def test_tokenizer_round_trips_and_has_the_project_special_tokens(world):
+    raw, summary = world
+    tokenizer = AutoTokenizer.from_pretrained(raw / "tokenizer")
+    assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
+    assert (tokenizer.pad_token, tokenizer.unk_token) == ("<pad>", "<unk>")
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert len(tokenizer) == summary["vocab_size"]
+    for caption in ((raw / "corpus" / "cross_domain.txt").read_text().splitlines()[:20]
+                    + ["in the upper left, a big red disc.", "There is a large red circle on the left."]):
+        ids = tokenizer(caption)["input_ids"]
+        assert tokenizer.eos_token_id not in ids and tokenizer.unk_token_id not in ids, caption
+        decoded = tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id], skip_special_tokens=True)
+        assert decoded == caption.lower()
+    words = tokenizer.tokenize("a red circle, on the left.")
+    assert words == ["a", "red", "circle", ",", "on", "the", "left", "."]
+    assert tokenizer("a zebra")["input_ids"][1] == tokenizer.unk_token_id
+
+
+SCENE = {"objects": [
+    {"colour": "red", "shape": "circle", "size": "large", "texture": "solid", "position": "top left"},
+    {"colour": "blue", "shape": "square", "size": "small", "texture": "striped", "position": "top right"}],
+    "relation": "left of", "background": "dark"}
+
+
+def _score(caption):
+    return grounding_scores({"image": caption}, {"image": SCENE})
+
+
+def test_grounding_of_hand_made_captions():
+    true = _score("a large red circle to the left of a small blue square.")
+    assert true["precision"] == 1.0 and true["per_type"]["relation"] == {"precision": 1.0, "recall": 1.0}
+    wrong_colour = _score("a large green circle to the left of a small blue square.")
+    assert wrong_colour["precision"] < 1.0 and wrong_colour["per_type"]["colour"]["precision"] == 0.5
+    swapped = _score("a large red circle to the right of a small blue square.")
+    assert swapped["per_type"]["relation"]["precision"] == 0.0
+    unbound = _score("a blue circle.")  # both words exist in the scene, but the circle is red
+    assert unbound["per_type"]["colour"]["precision"] == 0.0 and unbound["per_type"]["shape"]["precision"] == 1.0
+    synonyms = _score("we see a big red disc left of a little blue box with stripes against a black backdrop.")
+    assert synonyms["precision"] == 1.0
+    complete = _score("a large red circle in the top left corner to the left of a small striped blue square "
+                      "in the top right corner on a dark background.")
+    assert complete["precision"] == 1.0 and complete["recall"] == 1.0
+    assert true["recall"] < complete["recall"]
+    empty = _score("")
+    assert empty["recall"] == 0.0 and empty["precision"] is None and empty["captions_without_attributes"] == 1
+
+
+def test_parse_attributes_reads_phrases_longest_first():
+    assert parse_attributes("a small red cross to the left of a big violet plus sign in the upper left.") == [
+        ("size", "small"), ("colour", "red"), ("shape", "cross"), ("relation", "left of"), ("size", "large"),
+        ("colour", "purple"), ("shape", "cross"), ("position", "top left")]
+    assert parse_attributes("a circle on the left.") == [("shape", "circle"), ("position", "left")]
+
+
+def test_grounding_refuses_predictions_without_scene():
+    with pytest.raises(KeyError, match="no scene"):
+        grounding_scores({"unknown": "a red circle."}, {"image": SCENE})
+
+
+def test_clip_training_lowers_the_loss():
+    rng, pixel_rng = random.Random(0), np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng) for _ in range(64)]
+    pixels = np.stack([shapes.render_scene(scene, pixel_rng)[0] for scene in scenes])
+    captions = [[shapes.pretrain_caption(scene, rng) for _ in range(2)] for scene in scenes]
+    torch.set_num_threads(1)
+    _, losses = shapes.train_tiny_clip(pixels, captions, ClipTraining(steps=40, batch_size=32, warmup_steps=5))
+    assert np.mean(losses[-8:]) < np.mean(losses[:4]) - 0.3

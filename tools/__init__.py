@@ -1,0 +1,1 @@
+"""Reports and visualisations of training runs."""

@@ -1,0 +1,156 @@
+"""Pieces both training stages use: caption batches, the MMD term, and caption evaluation."""
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+
+from metrics import compute_coco_metrics
+
+
+class CaptionCollator:
+    """Rows with `text` and `clip_features` -> `prefix_features`, `input_ids` (caption + EOS), `attention_mask`.
+
+    Other feature columns listed in `feature_columns` are stacked as they are; a text column `pair_text` becomes
+    `pair_input_ids` / `pair_attention_mask`.
+    """
+
+    def __init__(self, tokenizer, max_length: int, feature_columns: dict[str, str] | None = None):
+        if tokenizer.eos_token is None or tokenizer.pad_token_id is None:
+            raise ValueError("The caption tokenizer needs an eos_token and a pad_token.")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.feature_columns = {"clip_features": "prefix_features", **(feature_columns or {})}
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        # Truncate the words first so that a long sentence still ends with EOS.
+        encoded = self.tokenizer(
+            list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length - 1
+        )["input_ids"]
+        rows = [ids + [self.tokenizer.eos_token_id] for ids in encoded]
+        length = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, ids in enumerate(rows):
+            input_ids[index, : len(ids)] = torch.tensor(ids)
+            attention_mask[index, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenize([row["text"] for row in rows])
+        if "pair_text" in rows[0]:
+            pair = self.tokenize([row["pair_text"] for row in rows])
+            batch.update(pair_input_ids=pair["input_ids"], pair_attention_mask=pair["attention_mask"])
+        for column, name in self.feature_columns.items():
+            if column in rows[0]:
+                batch[name] = torch.stack([torch.as_tensor(row[column], dtype=torch.float32) for row in rows])
+        return batch
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidth_multipliers: tuple[float, ...]) -> torch.Tensor:
+    """Squared maximum mean discrepancy between samples `x` (N, F) and `y` (M, F), biased estimate.
+
+    The kernel is a sum of Gaussians exp(-d^2 / (2 s^2)) with s = multiplier * (median pairwise distance), the
+    median taken over both samples without gradient, so the term adapts to the scale of the embeddings.
+    """
+    samples = torch.cat((x, y), dim=0).float()
+    squared_distances = torch.cdist(samples, samples).pow(2)  # (N+M, N+M)
+    off_diagonal = squared_distances[~torch.eye(len(samples), dtype=torch.bool, device=samples.device)]
+    median = off_diagonal.detach().median().clamp_min(1e-12)
+    kernel = sum(torch.exp(-squared_distances / (2 * m * m * median)) for m in bandwidth_multipliers)
+    n = len(x)
+    return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
+
+
+class CaptionEvaluator:
+    """Captions a table of images and scores them against their references with the COCO toolkit.
+
+    Args:
+        images: rows with `image_id`, `clip_features` and `references`.
+        tokenizer: the caption tokenizer.
+        output_dir: where the predictions go, in the COCO results format (`predictions-step-N.json`).
+        generation_kwargs: passed to `generate` (e.g. `max_new_tokens`, `num_beams`).
+        batch_size: images per `generate` call.
+        extra_metrics: callables `predictions {image_id: caption} -> {name: value}` (e.g. grounding, CLIP-S).
+        spice: compute SPICE when its models are present.
+    """
+
+    def __init__(
+        self,
+        images,
+        tokenizer,
+        output_dir: str | Path,
+        generation_kwargs: dict | None = None,
+        batch_size: int = 64,
+        extra_metrics: list[Callable[[dict[str, str]], dict]] | None = None,
+        spice: bool = False,
+    ):
+        self.images = images
+        self.image_ids = list(images["image_id"])
+        self.features = torch.tensor(images["clip_features"], dtype=torch.float32)
+        self.references = dict(zip(self.image_ids, images["references"]))
+        if not all(self.references.values()):
+            missing = [image_id for image_id, refs in self.references.items() if not refs][:3]
+            raise ValueError(f"Evaluation images need references; none for {missing} ...")
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir)
+        self.generation_kwargs = generation_kwargs or {}
+        self.batch_size = batch_size
+        self.extra_metrics = extra_metrics or []
+        self.spice = spice
+
+    @torch.no_grad()
+    def caption(self, model, indices: list[int]) -> list[str]:
+        captions = []
+        for start in range(0, len(indices), self.batch_size):
+            batch = self.features[indices[start : start + self.batch_size]]
+            captions += model.generate_captions(batch, tokenizer=self.tokenizer, **self.generation_kwargs)
+        return captions
+
+    def __call__(self, model, accelerator, step: int) -> dict[str, float]:
+        """Every process captions its share of the images; the main process scores all of them."""
+        was_training = model.training
+        model.eval()
+        shard = list(range(accelerator.process_index, len(self.image_ids), accelerator.num_processes))
+        pairs = gather_object(list(zip([self.image_ids[i] for i in shard], self.caption(model, shard))))
+        model.train(was_training)
+        metrics = [None]
+        if accelerator.is_main_process:
+            predictions = dict(pairs)
+            metrics[0] = self.score(predictions)
+            self.write_predictions(predictions, step)
+        return broadcast_object_list(metrics)[0]
+
+    def score(self, predictions: dict[str, str]) -> dict[str, float]:
+        references = {image_id: self.references[image_id] for image_id in predictions}
+        metrics = {
+            name: value
+            for name, value in compute_coco_metrics(predictions, references, spice=self.spice).items()
+            if isinstance(value, (int, float))
+        }
+        for extra in self.extra_metrics:
+            metrics.update(extra(predictions))
+        metrics.update(caption_statistics(list(predictions.values())))
+        return metrics
+
+    def write_predictions(self, predictions: dict[str, str], step: int):
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
+        (self.output_dir / f"predictions-step-{step}.json").write_text(json.dumps(rows, indent=1))
+
+
+def caption_statistics(captions: list[str]) -> dict[str, float]:
+    """Length, diversity and degeneration signs of a set of captions."""
+    words = [caption.split() for caption in captions]
+    unigrams = [w for ws in words for w in ws]
+    bigrams = [pair for ws in words for pair in zip(ws, ws[1:])]
+    return {
+        "caption_length": sum(map(len, words)) / max(len(words), 1),
+        "distinct_1": len(set(unigrams)) / max(len(unigrams), 1),
+        "distinct_2": len(set(bigrams)) / max(len(bigrams), 1),
+        # The degenerate loop "stripes stripes": the same word twice in a row.
+        "repeated_word_share": sum(any(a == b for a, b in zip(ws, ws[1:])) for ws in words) / max(len(words), 1),
+        "distinct_caption_share": len(set(captions)) / max(len(captions), 1),
+    }
