@@ -18,6 +18,9 @@ import json
 import os
 import sys
 import time
+
+# Spinning OpenMP threads stall each other on a busy machine; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -1,5 +1,9 @@
+import os
 import sys
 from pathlib import Path
+
+# Spinning OpenMP threads stall each other on a busy machine; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
+from transformers import Trainer
 
 from metrics import compute_coco_metrics
 
@@ -154,3 +155,30 @@ def caption_statistics(captions: list[str]) -> dict[str, float]:
         "repeated_word_share": sum(any(a == b for a, b in zip(ws, ws[1:])) for ws in words) / max(len(words), 1),
         "distinct_caption_share": len(set(captions)) / max(len(captions), 1),
     }
+
+
+class CaptionTrainer(Trainer):
+    """What every stage's trainer shares: per-step metrics averaged in `log()`, and evaluation by captioning.
+
+    Subclasses append per-step values to `self._metrics[name]` and set `self.evaluator` (a [`CaptionEvaluator`], or
+    `None` to skip evaluation); their config has `eval_max_new_tokens` and `eval_num_beams`.
+    """
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items() if values})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """COCO metrics of greedy (or beam) captions of the validation images."""
+        if self.evaluator is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        self.evaluator.generation_kwargs.setdefault("max_new_tokens", self.args.eval_max_new_tokens)
+        self.evaluator.generation_kwargs.setdefault("num_beams", self.args.eval_num_beams)
+        raw = self.evaluator(model, self.accelerator, self.state.global_step)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in raw.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

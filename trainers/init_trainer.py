@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from .common import CaptionCollator, CaptionEvaluator, mmd_rbf
+from .common import CaptionCollator, CaptionEvaluator, CaptionTrainer, mmd_rbf
 
 
 @dataclass
@@ -101,7 +101,7 @@ class InitTrainingData(Dataset):
         return item
 
 
-class InitTrainer(Trainer):
+class InitTrainer(CaptionTrainer):
     """Text-only initialization of a [`SCSTClipCapForCaptioning`].
 
     Args:
@@ -167,22 +167,3 @@ class InitTrainer(Trainer):
             loss = loss + self.args.mmd_weight * mmd
             self._metrics["mmd"].append(mmd.item())
         return (loss, text) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items() if values})
-            self._metrics.clear()
-        super().log(logs, start_time)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """COCO metrics of greedy (or beam) captions of the validation images."""
-        if self.evaluator is None:
-            return {}
-        model = self.accelerator.unwrap_model(self.model)
-        self.evaluator.generation_kwargs.setdefault("max_new_tokens", self.args.eval_max_new_tokens)
-        self.evaluator.generation_kwargs.setdefault("num_beams", self.args.eval_num_beams)
-        raw = self.evaluator(model, self.accelerator, self.state.global_step)
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in raw.items()}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
