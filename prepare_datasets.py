@@ -149,7 +149,8 @@ def _sizes(pairs: list[str]) -> dict[str, int]:
         name, _, value = pair.partition("=")
         if not name or not value.isdigit():
             raise DataPrepError(f"--size expects NAME=N with a whole number, got {pair!r}")
-        sizes[name] = int(value)
+        # build_world's size parameters are n_<split> / n_<corpus>; accept both spellings.
+        sizes[name if name.startswith("n_") else f"n_{name}"] = int(value)
     return sizes
 
 

@@ -17,7 +17,7 @@ from dataprep import shapes
 from dataprep.shapes import ClipTraining, build_world, grounding_scores, parse_attributes
 
 TINY = dict(n_clip_pretrain=48, n_train=12, n_val=6, n_test=10, n_in_domain=40, n_cross_domain=40,
-            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1), num_threads=1)
+            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,9 @@ def test_every_phrase_of_the_grammar_parses_to_its_value():
     for style, kinds in shapes.WORDS.items():
         for kind, values in kinds.items():
             for value in values:
-                assert parse_attributes(shapes._phrase(style, kind, value)) == [(kind, value)], (style, kind, value)
+                for words in shapes.alternatives(style, kind, value):
+                    phrase = shapes.frame(style, kind, value).format(words)
+                    assert parse_attributes(phrase) == [(kind, value)], (style, phrase)
 
 
 def test_cross_domain_corpus_is_phrased_differently(world):
@@ -146,8 +148,10 @@ def test_saved_clip_loads_through_local_dir(world):
 
 
 def test_architecture_is_registered_with_open_clip():
-    model = open_clip.create_model(shapes.CLIP_MODEL_NAME)
-    assert model.visual.image_size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    model = open_clip.create_model(shapes.CLIP_MODEL_NAME).eval()
+    with torch.no_grad():
+        features = model.encode_image(torch.zeros(2, 3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE))
+    assert features.shape == (2, shapes.clip_model_config()["embed_dim"])
 
 
 def test_tokenizer_round_trips_and_has_the_project_special_tokens(world):
@@ -157,8 +161,10 @@ def test_tokenizer_round_trips_and_has_the_project_special_tokens(world):
     assert (tokenizer.pad_token, tokenizer.unk_token) == ("<pad>", "<unk>")
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     assert len(tokenizer) == summary["vocab_size"]
-    for caption in ((raw / "corpus" / "cross_domain.txt").read_text().splitlines()[:20]
-                    + ["in the upper left, a big red disc.", "There is a large red circle on the left."]):
+    lines = [line for corpus in shapes.CORPORA for line in (raw / "corpus" / f"{corpus}.txt").read_text().splitlines()]
+    with_comma = [line for line in lines if "," in line]
+    assert with_comma
+    for caption in lines[:10] + lines[-10:] + with_comma[:5] + [lines[0].capitalize()]:
         ids = tokenizer(caption)["input_ids"]
         assert tokenizer.eos_token_id not in ids and tokenizer.unk_token_id not in ids, caption
         decoded = tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id], skip_special_tokens=True)
@@ -214,6 +220,10 @@ def test_clip_training_lowers_the_loss():
     scenes = [shapes.sample_scene(rng) for _ in range(64)]
     pixels = np.stack([shapes.render_scene(scene, pixel_rng)[0] for scene in scenes])
     captions = [[shapes.pretrain_caption(scene, rng) for _ in range(2)] for scene in scenes]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _, losses = shapes.train_tiny_clip(pixels, captions, ClipTraining(steps=40, batch_size=32, warmup_steps=5))
+    try:
+        _, losses = shapes.train_tiny_clip(pixels, captions, ClipTraining(steps=40, batch_size=32, warmup_steps=5))
+    finally:
+        torch.set_num_threads(threads)
     assert np.mean(losses[-8:]) < np.mean(losses[:4]) - 0.3
