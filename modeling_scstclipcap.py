@@ -5,6 +5,10 @@ This file is self-contained on purpose: a saved model folder carries it, and
 
     >>> model = SCSTClipCapForCaptioning.from_pretrained("path/to/model")
     >>> model.generate_captions(clip_image_features)  # (batch, D) -> list of strings
+    >>> model.caption_images(["photo.jpg"])  # images -> list of strings, through the model's own CLIP
+
+The image side (CLIP loading, image decoding) and the `transformers` pipeline live beside this file in
+`pipeline_scstclipcap.py`, imported only when images are captioned.
 """
 
 from dataclasses import dataclass
@@ -125,7 +129,7 @@ class SCSTClipCapPreTrainedModel(PreTrainedModel):
     config_class = SCSTClipCapConfig
     base_model_prefix = "scstclipcap"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["GPT2Block", "MappingTransformerLayer"]
+    _no_split_modules = ["GPT2Block"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -159,11 +163,15 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
     def __init__(self, config: SCSTClipCapConfig):
         super().__init__(config)
         self.mapper = MLPMapper(config) if config.mapping_type == "mlp" else TransformerMapper(config)
+        if config.mapping_type == "transformer":
+            # FSDP auto-wrapping looks up every class named here, so the MLP variant must not name this one.
+            self._no_split_modules = ["GPT2Block", "MappingTransformerLayer"]
         self.decoder = GPT2LMHeadModel(config.decoder_config)
         self.decoder.loss_type = "ForCausalLM"
         if config.freeze_decoder:
             self.decoder.requires_grad_(False)
         self._caption_tokenizer = None
+        self._caption_clip = None
         self.post_init()
 
     @classmethod
@@ -344,8 +352,60 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
                     "This model was not loaded from a folder, so it has no tokenizer of its own: "
                     "pass tokenizer=... to generate_captions."
                 )
-            self._caption_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            # The tokenizer is a standard one: never ask whether to run the folder's model code for it.
+            self._caption_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=False)
         return self._caption_tokenizer
+
+    @property
+    def caption_clip(self):
+        """The CLIP image encoder whose embeddings this model reads (`pipeline_scstclipcap.CaptioningClip`), loaded
+        once: the one bundled in the model's folder or Hub repo (`clip/`), otherwise `config.clip_model_name` /
+        `config.clip_pretrained` through open_clip."""
+        if self._caption_clip is None:
+            clip_class, _ = _captioning_classes()
+            self._caption_clip = clip_class.for_captioner(self.config, self.name_or_path, device=self.device)
+        return self._caption_clip
+
+    def caption_images(
+        self, images, clip=None, *, batch_size: int = 32, tokenizer=None, **generation_kwargs
+    ) -> list[str]:
+        """Captions of images, through the same code as the captioning pipeline.
+
+        Args:
+            images (PIL image, path or URL, or a list of them):
+                The images.
+            clip (`pipeline_scstclipcap.CaptioningClip`, *optional*):
+                The image encoder; defaults to [`caption_clip`].
+            batch_size (`int`, defaults to 32):
+                Images encoded and captioned together.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                Defaults to the tokenizer saved beside the model.
+            generation_kwargs:
+                Passed to [`generate`] (`max_new_tokens`, defaulting to 30, `num_beams`, `do_sample`, ...).
+
+        Returns:
+            `list[str]` of length `len(images) * num_return_sequences`.
+        """
+        _, pipeline_class = _captioning_classes()
+        captioner = pipeline_class(
+            model=self,
+            tokenizer=tokenizer or self.caption_tokenizer,
+            clip=clip or self.caption_clip,
+            device=self.device,
+        )
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        outputs = captioner(images, batch_size=batch_size, **generation_kwargs)
+        return [output["generated_text"] for per_image in outputs for output in per_image]
+
+
+def _captioning_classes():
+    """`CaptioningClip` and `SCSTClipCapPipeline` from pipeline_scstclipcap.py beside this file. The import is
+    relative so that `save_pretrained` copies that file too and remote code fetches it."""
+    try:
+        from .pipeline_scstclipcap import CaptioningClip, SCSTClipCapPipeline
+    except ImportError:
+        from pipeline_scstclipcap import CaptioningClip, SCSTClipCapPipeline
+    return CaptioningClip, SCSTClipCapPipeline
 
 
 SCSTClipCapForCaptioning.register_for_auto_class("AutoModel")

@@ -281,3 +281,13 @@ def test_auto_classes_load_the_folder_in_process(make_config, tmp_path):
 def test_invalid_configs_say_what_to_change(make_config, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_fsdp_auto_wrap_finds_every_no_split_module(make_config, mapping_type):
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    model = SCSTClipCapForCaptioning(make_config(mapping_type=mapping_type))
+    expected = {"GPT2Block"} | ({"MappingTransformerLayer"} if mapping_type == "transformer" else set())
+    assert set(model._no_split_modules) == expected
+    assert all(get_module_class_from_name(model, name) is not None for name in model._no_split_modules)

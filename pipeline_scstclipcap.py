@@ -1,0 +1,291 @@
+"""Captions from images: the CLIP image side of an SCSTClipCap model and its `transformers` pipeline.
+
+A saved model folder (or Hub repo) carries this file beside its model code, so downstream code needs only:
+
+    from transformers import pipeline
+    captioner = pipeline(model="user/scstclipcap-coco", trust_remote_code=True)
+    captioner("photo.jpg")  # [{"generated_text": "a man riding a wave on top of a surfboard"}]
+
+Images are encoded by the CLIP the model was trained on, exactly as the training tables were made (open_clip's
+eval transform, L2-normalised image embeddings): the CLIP bundled in the model's `clip/` subfolder (an open_clip
+`local-dir:` folder) when there is one, otherwise the config's `clip_model_name` / `clip_pretrained` reference
+loaded through open_clip (`ViT-B-32` + `openai`, `hf-hub:org/repo`, ...).
+
+Making a saved folder pipeline-ready (config entry, this file, the bundled CLIP when it is a local folder):
+
+    python -c "from pipeline_scstclipcap import make_pipeline_ready; make_pipeline_ready('runs/shapes/init/final')"
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from transformers import AutoModel, GenerationConfig
+from transformers.image_utils import load_image
+from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
+from transformers.utils import is_vision_available
+
+if is_vision_available():
+    import PIL.Image
+
+PIPELINE_TASK = "scstclipcap-captioning"
+CLIP_FOLDER = "clip"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+DEFAULT_MAX_NEW_TOKENS = 30
+URL_PREFIXES = ("http://", "https://", "data:image/")
+GENERATION_PARAMETERS = frozenset(
+    {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
+)
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("Captioning images needs open_clip: `pip install open_clip_torch`.") from error
+    return open_clip
+
+
+def _checkpoint_file(pretrained: str | None) -> str | None:
+    """What open_clip should load for `pretrained`: a tag or file as is, a `hf-hub:` checkpoint downloaded."""
+    if pretrained and pretrained.startswith(HF_HUB):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return download_pretrained_from_hf(pretrained[len(HF_HUB) :])
+    return pretrained
+
+
+def open_image(image, timeout: float | None = None) -> "PIL.Image.Image":
+    """A PIL image from a PIL image, a file path or an http(s) / data URL; a bad file raises an error naming it."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if isinstance(image, str) and image.startswith(URL_PREFIXES):
+        return load_image(image, timeout=timeout)
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"An image must be a PIL image, a file path or a URL, got {type(image).__name__}.")
+    try:
+        with PIL.Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No image file at {image}.") from None
+    except Exception as error:  # a corrupt file raises anything from OSError to zlib / struct errors
+        raise ValueError(f"Cannot read the image {image}: {type(error).__name__}: {error}") from error
+
+
+def bundled_clip_folder(name_or_path: str | os.PathLike | None, revision: str | None = None,
+                        token: str | bool | None = None) -> Path | None:
+    """The `clip/` open_clip folder inside a model folder or Hub repo, None when it has none."""
+    if not name_or_path:
+        return None
+    if Path(name_or_path).is_dir():
+        folder = Path(name_or_path) / CLIP_FOLDER
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{CLIP_FOLDER}/*"], revision=revision,
+                                     token=token)
+        folder = Path(snapshot) / CLIP_FOLDER
+    return folder if (folder / OPEN_CLIP_CONFIG).is_file() else None
+
+
+@dataclass
+class CaptioningClip:
+    """The frozen open_clip model whose image embeddings a captioner reads, with its eval transform.
+
+    `reference` is the open_clip model name it was loaded from (`local-dir:/path`, `ViT-B-32`, `hf-hub:org/repo`).
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable
+    reference: str
+
+    @classmethod
+    def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+        """Load an open_clip model: `load("ViT-B-32", "openai")`, `load("local-dir:path/to/clip")`, ..."""
+        has_weights = model_name.startswith((LOCAL_DIR, HF_HUB))
+        if not has_weights and not pretrained:
+            raise ValueError(f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint "
+                             "file or hf-hub:ID): random weights would give meaningless captions.")
+        if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR) :]).is_dir():
+            raise FileNotFoundError(
+                f"The captioner's CLIP folder {model_name[len(LOCAL_DIR):]} is not there (a path relative to where "
+                "the model was trained?). Bundle it into the model folder with "
+                "pipeline_scstclipcap.bundle_clip(model_dir, 'local-dir:/path/to/clip'), or pass clip=...")
+        open_clip = _import_open_clip()
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if has_weights else _checkpoint_file(pretrained), device=device)
+        model.eval().requires_grad_(False)
+        return cls(model, preprocess, model_name)
+
+    @classmethod
+    def for_captioner(cls, config, name_or_path: str | os.PathLike | None = None, *, revision: str | None = None,
+                      token: str | bool | None = None, device: str | torch.device = "cpu"):
+        """The CLIP of the captioner with `config` saved at `name_or_path` (folder or Hub id): the one bundled in
+        its `clip/` subfolder, otherwise `config.clip_model_name` / `config.clip_pretrained`."""
+        bundled = bundled_clip_folder(name_or_path, revision=revision, token=token)
+        if bundled is not None:
+            return cls.load(LOCAL_DIR + str(bundled), device=device)
+        return cls.load(config.clip_model_name, config.clip_pretrained, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def local_folder(self) -> Path | None:
+        """The open_clip folder it was loaded from, for a `local-dir:` CLIP."""
+        return Path(self.reference[len(LOCAL_DIR) :]) if self.reference.startswith(LOCAL_DIR) else None
+
+    def to(self, device: str | torch.device) -> "CaptioningClip":
+        self.model.to(device)
+        return self
+
+    def pixel_values(self, image, timeout: float | None = None) -> torch.Tensor:
+        """One image (PIL, path or URL) as CLIP input, `(1, 3, H, W)`."""
+        return self.preprocess(open_image(image, timeout=timeout)).unsqueeze(0)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP input `(B, 3, H, W)` -> L2-normalised float32 image embeddings `(B, D)`, as the tables hold them."""
+        return self.model.encode_image(pixel_values.to(self.device), normalize=True).float()
+
+    def encode_images(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
+        """Embeddings `(N, D)` of PIL images, paths or URLs, `batch_size` at a time."""
+        parts = [
+            self.encode(torch.cat([self.pixel_values(image) for image in images[start : start + batch_size]]))
+            for start in range(0, len(images), batch_size)
+        ]
+        return torch.cat(parts)
+
+
+class SCSTClipCapPipeline(Pipeline):
+    """Image captioning with an SCSTClipCap model: image -> CLIP embedding -> prefix -> GPT-2 caption.
+
+    Call it on a PIL image, a path or a URL (-> `[{"generated_text": caption}]`, one dict per returned sequence), or
+    on a list of them (-> one such list per image). Generation settings (`max_new_tokens`, `num_beams`, `do_sample`,
+    `num_return_sequences`, ...) go at the top level or in `generate_kwargs`, when building the pipeline or when
+    calling it; `batch_size` batches the CLIP and the captioner together. Without a length setting captions stop
+    after 30 new tokens.
+
+    Args:
+        clip (`CaptioningClip`, *optional*):
+            The image encoder; by default the CLIP bundled with the model, otherwise the config's reference.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+
+    def __init__(self, *args, clip: CaptioningClip | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if clip is None:
+            clip = CaptioningClip.for_captioner(self.model.config, self.model.name_or_path)
+        self.clip = clip.to(self.device)
+
+    def _sanitize_parameters(self, generate_kwargs: dict | None = None, timeout: float | None = None, **kwargs):
+        unknown = sorted(set(kwargs) - GENERATION_PARAMETERS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}: it takes timeout, "
+                            "batch_size, num_workers, generate_kwargs and generation settings.")
+        generation = dict(generate_kwargs or {})
+        given_twice = sorted(set(kwargs) & set(generation))
+        if given_twice:
+            raise ValueError(f"{given_twice} given both directly and in generate_kwargs: use only one.")
+        generation.update(kwargs)
+        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        forward_params = {"generate_kwargs": generation} if generation else {}
+        return preprocess_params, forward_params, {}
+
+    def preprocess(self, image, timeout: float | None = None) -> dict:
+        # Batching stacks an "image" tensor as is ("pixel_values" would ask for a feature extractor's padding).
+        return {"image": self.clip.pixel_values(image, timeout=timeout)}
+
+    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
+        prefix_features = self.clip.encode(model_inputs["image"])
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {}, return_dict_in_generate=False)
+        caption_ids = self.model.generate(prefix_features=prefix_features, **generate_kwargs)
+        # (B * sequences, T) -> (B, sequences, T), so that batches split per image
+        return {"caption_ids": caption_ids.reshape(prefix_features.shape[0], -1, caption_ids.shape[-1])}
+
+    def postprocess(self, model_outputs: dict) -> list[dict]:
+        captions = self.tokenizer.batch_decode(model_outputs["caption_ids"].flatten(0, 1), skip_special_tokens=True)
+        return [{"generated_text": caption.strip()} for caption in captions]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save model, tokenizer and pipeline code; a CLIP loaded from a local folder goes along in `clip/`."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.clip.local_folder is not None:
+            bundle_clip(save_directory, LOCAL_DIR + str(self.clip.local_folder))
+
+
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=SCSTClipCapPipeline, pt_model=AutoModel,
+                                    type="image")
+
+
+def custom_pipelines() -> dict:
+    """The `custom_pipelines` entry of config.json, as `Pipeline.save_pretrained` writes it."""
+    info = dict(SCSTClipCapPipeline._registered_impl[PIPELINE_TASK])
+    info["impl"] = f"{SCSTClipCapPipeline.__module__.split('.')[-1]}.{SCSTClipCapPipeline.__name__}"
+    info["pt"] = [model_class.__name__ for model_class in info["pt"]]
+    return {PIPELINE_TASK: info}
+
+
+def bundle_clip(model_dir: str | os.PathLike, clip_model_name: str | None = None) -> Path:
+    """Copy a `local-dir:` CLIP into `model_dir/clip`, where the pipeline looks first. Returns that folder.
+
+    `clip_model_name` defaults to the `clip_model_name` of `model_dir/config.json`; a relative folder is taken
+    relative to the working directory, as open_clip does.
+    """
+    model_dir = Path(model_dir)
+    if clip_model_name is None:
+        clip_model_name = _read_config(model_dir).get("clip_model_name") or ""
+    if not clip_model_name.startswith(LOCAL_DIR):
+        raise ValueError(f"Only a local-dir: CLIP can be bundled; '{clip_model_name}' is loaded by open_clip "
+                         "from its reference.")
+    source = Path(clip_model_name[len(LOCAL_DIR) :])
+    if not (source / OPEN_CLIP_CONFIG).is_file():
+        raise FileNotFoundError(f"{source} is not an open_clip model folder (no {OPEN_CLIP_CONFIG}).")
+    target = model_dir / CLIP_FOLDER
+    if target.resolve() == source.resolve():
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
+def make_pipeline_ready(model_dir: str | os.PathLike, clip_model_name: str | None = None) -> Path | None:
+    """Make a saved model folder work with `pipeline(model=model_dir, trust_remote_code=True)`.
+
+    Writes the pipeline entry (`custom_pipelines`) into its config.json, copies this file beside the model code and,
+    when the CLIP is a local folder (`clip_model_name`, by default the config's), bundles it into `model_dir/clip`
+    unless a CLIP is bundled already. Returns the bundled CLIP folder, or None when the CLIP is a named reference.
+    """
+    model_dir = Path(model_dir)
+    config = _read_config(model_dir)
+    config["custom_pipelines"] = custom_pipelines()
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(__file__, model_dir / Path(__file__).name)
+    bundled = model_dir / CLIP_FOLDER
+    if clip_model_name is None and (bundled / OPEN_CLIP_CONFIG).is_file():
+        return bundled
+    reference = clip_model_name or config.get("clip_model_name") or ""
+    return bundle_clip(model_dir, reference) if reference.startswith(LOCAL_DIR) else None
+
+
+def _read_config(model_dir: Path) -> dict:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved model folder (no config.json).")
+    return json.loads(config_file.read_text())
