@@ -6,15 +6,17 @@
     accelerate launch train.py --config configs/coco_shutterstock.yaml --stage init
     torchrun --nproc_per_node 2 train.py --config ...
 
-Stages: `init` (text-only initialization), `supervised` (plain ClipCap on true pairs: an upper bound), `eval`
-(captions and metrics of a checkpoint on the test split), `all` (every stage of the recipe, then the report).
-A recipe YAML holds common settings at the top level and per-stage settings under `init:`, `supervised:`,
+Stages: `init` (text-only initialization), `scst` (self-critical training with CLIP rewards and a naturalness
+discriminator, from the init model), `supervised` (plain ClipCap on true pairs: an upper bound), `eval` (captions
+and metrics of a checkpoint on the test split), `all` (every stage of the recipe in that order, then the report).
+A recipe YAML holds common settings at the top level and per-stage settings under `init:`, `scst:`, `supervised:`,
 `eval:`; command-line flags override both. Any `TrainingArguments` flag works (`--learning_rate`,
-`--per_device_train_batch_size`, `--report_to`, ...).
+`--per_device_train_batch_size`, `--report_to`, ...), and each stage's own (`InitConfig`, `SCSTConfig`).
 """
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -34,16 +36,18 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArg
 from configuration_scstclipcap import SCSTClipCapConfig
 from dataprep.clip import check_clip_metadata, describe_clip, read_clip_metadata
 from modeling_scstclipcap import SCSTClipCapForCaptioning
-from trainers import CaptionEvaluator, InitConfig, InitTrainer
+from pipeline_scstclipcap import make_pipeline_ready
+from trainers import CaptionEvaluator, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
 
 # In-process the project's own classes serve the Auto API, so saved folders load without remote code.
 AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)
 AutoModel.register(SCSTClipCapConfig, SCSTClipCapForCaptioning)
 
+logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = PROJECT_ROOT / "configs" / "shapes.yaml"
 STAGES = ("init", "supervised", "scst", "eval", "all")
-RECIPE_STAGES = ("init", "supervised", "eval")
+RECIPE_STAGES = ("init", "scst", "supervised", "eval")
 
 
 @dataclass
@@ -61,13 +65,17 @@ class ScriptArguments:
     test_table: str | None = field(default=None, metadata={"help": "Test images with references."})
     val_scenes: str | None = field(default=None, metadata={"help": "Shapes world only: scenes JSON of val."})
     test_scenes: str | None = field(default=None, metadata={"help": "Shapes world only: scenes JSON of test."})
+    images_dir: str | None = field(
+        default=None, metadata={"help": "Folder the test table's file_name column is relative to (report pictures)."}
+    )
     shapes_dir: str | None = field(
         default=None, metadata={"help": "Build the offline shapes world here first when it is missing."}
     )
 
     # Model
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start from this SCSTClipCap checkpoint (folder or Hub id)."}
+        default=None,
+        metadata={"help": "Start from this SCSTClipCap checkpoint (folder or Hub id); wins over init_from_stage."},
     )
     init_from_stage: str | None = field(
         default=None, metadata={"help": "Start from the final model of this earlier stage of the same run."}
@@ -79,7 +87,7 @@ class ScriptArguments:
         default=None, metadata={"help": "JSON file of a GPT-2 shape for a new model trained from scratch."}
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Caption tokenizer; defaults to the model's or the decoder's."}
+        default=None, metadata={"help": "Caption tokenizer of a new model (a checkpoint brings its own)."}
     )
     mapping_type: str = field(default="mlp", metadata={"help": "mlp | transformer", "choices": ("mlp", "transformer")})
     prefix_length: int = field(default=10, metadata={"help": "GPT-2 embeddings per image."})
@@ -107,12 +115,12 @@ def recipe_defaults(recipe: dict, stage: str) -> dict:
     return {**common, **(recipe.get(stage) or {})}
 
 
-def parse_stage(stage: str, recipe: dict, argv: list[str]) -> tuple[ScriptArguments, InitConfig]:
+def parse_stage(stage: str, recipe: dict, argv: list[str]) -> tuple[ScriptArguments, InitConfig | SCSTConfig]:
     """The settings of one stage: its dataclasses' defaults < recipe < command line."""
     if not torch.cuda.is_available():
         # Without a GPU only the CPU backend synchronises several processes.
         recipe = {**recipe, "use_cpu": True}
-    parser = HfArgumentParser((ScriptArguments, InitConfig))
+    parser = HfArgumentParser((ScriptArguments, SCSTConfig if stage == "scst" else InitConfig))
     defaults = recipe_defaults(recipe, stage)
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(defaults) - known)
@@ -179,11 +187,23 @@ def stage_dir(config: InitConfig, stage: str) -> Path:
     return Path(config.output_dir) / stage
 
 
-def build_model(script: ScriptArguments, config: InitConfig, clip_meta: dict, tokenizer):
-    """A checkpoint, a new model around a pretrained GPT-2, or a new model from a GPT-2 shape."""
-    source = script.model_name_or_path
+def model_source(script: ScriptArguments, run_dir: Path) -> str | None:
+    """The checkpoint a stage starts from: `model_name_or_path`, else the final model of `init_from_stage`."""
+    if script.model_name_or_path:
+        return script.model_name_or_path
     if script.init_from_stage:
-        source = str(stage_dir(config, script.init_from_stage) / "final")
+        source = run_dir / script.init_from_stage / "final"
+        if not source.is_dir():
+            raise SystemExit(f"stage {script.stage} starts from the {script.init_from_stage} stage's model, but "
+                             f"{source} does not exist: run `--stage {script.init_from_stage}` first or set "
+                             "--model_name_or_path")
+        return str(source)
+    return None
+
+
+def build_model(script: ScriptArguments, run_dir: Path, clip_meta: dict, tokenizer):
+    """A checkpoint, a new model around a pretrained GPT-2, or a new model from a GPT-2 shape."""
+    source = model_source(script, run_dir)
     if source:
         return SCSTClipCapForCaptioning.from_pretrained(source)
     settings = dict(
@@ -203,10 +223,8 @@ def build_model(script: ScriptArguments, config: InitConfig, clip_meta: dict, to
     return SCSTClipCapForCaptioning(SCSTClipCapConfig(decoder_config=decoder.to_dict(), **settings))
 
 
-def load_tokenizer(script: ScriptArguments, config: InitConfig):
-    source = script.tokenizer_name_or_path or script.model_name_or_path or script.decoder_name_or_path
-    if script.init_from_stage:
-        source = str(stage_dir(config, script.init_from_stage) / "final")
+def load_tokenizer(script: ScriptArguments, run_dir: Path):
+    source = model_source(script, run_dir) or script.tokenizer_name_or_path or script.decoder_name_or_path
     if source is None:
         raise SystemExit("no caption tokenizer: set --tokenizer_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -219,7 +237,8 @@ def make_evaluator(script: ScriptArguments, config: InitConfig, tokenizer, split
     table_path = script.val_table if split == "val" else script.test_table
     if table_path is None:
         return None
-    extra_metrics = []
+    table = load_table(table_path, split)
+    extra_metrics = [clip_s_metric(table, config)]
     scenes_path = script.val_scenes if split == "val" else script.test_scenes
     if scenes_path:
         from dataprep.shapes import grounding_scores
@@ -227,15 +246,37 @@ def make_evaluator(script: ScriptArguments, config: InitConfig, tokenizer, split
         scenes = json.loads(Path(scenes_path).read_text())
         extra_metrics.append(lambda predictions: flat_grounding(grounding_scores(predictions, scenes)))
     return CaptionEvaluator(
-        load_table(table_path, split), tokenizer, output_dir / f"{split}_predictions",
+        table, tokenizer, output_dir / f"{split}_predictions",
         generation_kwargs=dict(max_new_tokens=config.eval_max_new_tokens, num_beams=config.eval_num_beams),
         batch_size=config.per_device_eval_batch_size * 8, extra_metrics=extra_metrics,
     )
 
 
+def clip_s_metric(table, config: InitConfig):
+    """CLIP-S (reference-free, Hessel et al.) of predictions against the images of `table`, with the table's CLIP."""
+    from dataprep.clip import LoadedClip
+    from metrics import clip_score
+
+    meta = read_clip_metadata(table)
+    try:
+        clip = LoadedClip.load(meta["model_name"], meta.get("pretrained"), config.device)
+    except (FileNotFoundError, OSError) as error:
+        logger.warning("CLIP-S is skipped: the table's CLIP %s cannot be loaded (%s).", describe_clip(meta), error)
+        return lambda predictions: {}
+    features = dict(zip(table["image_id"], table["clip_features"]))
+
+    def metric(predictions: dict[str, str]) -> dict[str, float]:
+        image_ids = list(predictions)
+        return {"clip_s": clip_score([features[i] for i in image_ids], [predictions[i] for i in image_ids],
+                                     model=clip.model, tokenizer=clip.tokenizer)}
+
+    return metric
+
+
 def flat_grounding(scores: dict) -> dict[str, float]:
     """Grounding scores as flat metric names: attribute_precision, attribute_recall, colour_precision, ..."""
     flat = {f"attribute_{name}": float(scores[name]) for name in ("precision", "recall") if scores[name] is not None}
+    flat["distinct_scene_caption_share"] = scores["distinct_scene_caption_share"]
     for kind, values in scores["per_type"].items():
         flat.update({f"{kind}_{name}": float(value) for name, value in values.items() if value is not None})
     return flat
@@ -255,9 +296,10 @@ def verify_ranks_agree(model, state: PartialState) -> str:
 
 def run_training_stage(script: ScriptArguments, config: InitConfig, state: PartialState) -> dict:
     """`init` (text-only) or `supervised` (true pairs, no noise, no extra terms)."""
-    output_dir = stage_dir(config, script.stage)
+    run_dir = Path(config.output_dir)
+    output_dir = run_dir / script.stage
     config.output_dir = str(output_dir)
-    tokenizer = load_tokenizer(script, config)
+    tokenizer = load_tokenizer(script, run_dir)
     if script.stage == "supervised":
         train_images = load_table(script.train_table, "train")
         corpus = train_images.map(
@@ -275,7 +317,7 @@ def run_training_stage(script: ScriptArguments, config: InitConfig, state: Parti
         tables = {"corpus": script.corpus_table, "train": script.train_table,
                   "pseudo_pairs": script.pseudo_pairs_table, "val": script.val_table}
     clip_meta = check_tables_share_a_clip(tables)
-    model = build_model(script, config, clip_meta, tokenizer)
+    model = build_model(script, run_dir, clip_meta, tokenizer)
     check_tables_share_a_clip(tables, model.config)
     pseudo_pairs = load_table(script.pseudo_pairs_table, "pseudo_pairs") if config.pseudo_pair_weight > 0 else None
     images = load_table(script.train_table, "train") if config.mmd_weight > 0 else None
@@ -283,19 +325,61 @@ def run_training_stage(script: ScriptArguments, config: InitConfig, state: Parti
         model=model, args=config, corpus=corpus, processing_class=tokenizer, pseudo_pairs=pseudo_pairs,
         images=images, evaluator=make_evaluator(script, config, tokenizer, "val", output_dir),
     )
+    return train_and_save(trainer, script, state, output_dir)
+
+
+def run_scst_stage(script: ScriptArguments, config: SCSTConfig, state: PartialState) -> dict:
+    """Self-critical training of an existing captioner on unpaired images, with the corpus as the real sentences."""
+    run_dir = Path(config.output_dir)
+    output_dir = run_dir / "scst"
+    config.output_dir = str(output_dir)
+    source = model_source(script, run_dir)
+    if source is None:
+        raise SystemExit("the scst stage trains an existing captioner: set --init_from_stage init or "
+                         "--model_name_or_path")
+    tokenizer = load_tokenizer(script, run_dir)
+    model = SCSTClipCapForCaptioning.from_pretrained(source)
+    check_tables_share_a_clip({"train": script.train_table, "corpus": script.corpus_table,
+                               "val": script.val_table}, model.config)
+    trainer = SCSTTrainer(
+        model=model, args=config, images=load_table(script.train_table, "train"),
+        corpus=load_table(script.corpus_table, "corpus"), processing_class=tokenizer,
+        evaluator=make_evaluator(script, config, tokenizer, "val", output_dir),
+    )
+    info = train_and_save(trainer, script, state, output_dir)
+    info["discriminator_sha256"] = verify_ranks_agree(trainer.discriminator.model, state)
+    info["skipped_steps"] = trainer.skipped_steps
+    if state.is_main_process:
+        (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def train_and_save(trainer, script: ScriptArguments, state: PartialState, output_dir: Path) -> dict:
+    """Train (or resume), save the final model, its training log and `run_info.json`; checks the ranks agree."""
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     minutes = (time.perf_counter() - started) / 60
-    final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))
+    trainer.save_model(str(output_dir / "final"))
     fingerprint = verify_ranks_agree(trainer.accelerator.unwrap_model(trainer.model), state)
     info = {"stage": script.stage, "distributed_type": str(state.distributed_type),
             "num_processes": state.num_processes, "weights_sha256": fingerprint,
             "train_minutes": round(minutes, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
             "global_step": trainer.state.global_step}
     if state.is_main_process:
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+        make_final_pipeline_ready(output_dir / "final")
     return info
+
+
+def make_final_pipeline_ready(final_dir: Path):
+    """Let the final folder caption images through `pipeline(model=folder, trust_remote_code=True)`, bundling a
+    local CLIP into it; a CLIP folder that has gone missing leaves the trained model as it is, with a warning."""
+    try:
+        make_pipeline_ready(final_dir)
+    except FileNotFoundError as error:
+        logger.warning("%s is saved but not pipeline-ready: %s. Once the CLIP is found, run "
+                       "`make_pipeline_ready(folder, \"local-dir:PATH\")` from pipeline_scstclipcap.", final_dir, error)
 
 
 def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialState, model_dir: str) -> dict:
@@ -320,8 +404,6 @@ def main(argv: list[str] | None = None):
     head = HfArgumentParser(ScriptArguments).parse_known_args(argv)[0]
     recipe = read_recipe(head.config or (str(DEFAULT_RECIPE) if not argv else None))
     stage = head.stage
-    if stage == "scst":
-        raise SystemExit("the scst stage is not available in this version yet")
     stages = RECIPE_STAGES if stage == "all" else (stage,)
     state = None
     results = {}
@@ -334,12 +416,16 @@ def main(argv: list[str] | None = None):
             for trained in [s for s in results if s != "eval"] or [script.model_name_or_path]:
                 model_dir = str(stage_dir(config, trained) / "final") if trained in results else trained
                 results.setdefault("eval", {})[trained] = run_eval_stage(script, config, state, model_dir)
+        elif current == "scst":
+            results[current] = run_scst_stage(script, config, state)
         else:
             results[current] = run_training_stage(script, config, state)
     if stage == "all" and state.is_main_process:
-        from tools.report import write_report
+        from tools.report import write_figures, write_report
 
-        write_report(Path(config.output_dir), results)
+        run_dir = Path(config.output_dir)
+        figures = write_figures(run_dir, script.test_table, script.images_dir, script.test_scenes)
+        print(f"report: {write_report(run_dir, results, figures)}")
     return results
 
 

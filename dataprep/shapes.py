@@ -539,9 +539,28 @@ def grounding_scores(predictions: dict[str, str], scenes: dict[str, dict]) -> di
     return {
         "precision": _mean(precision), "recall": _mean(recall), "num_images": len(predictions),
         "captions_without_attributes": empty,
+        "distinct_scene_caption_share": distinct_scene_caption_share(predictions, scenes),
         "per_type": {kind: {name: _mean(values) for name, values in scores.items()}
                      for kind, scores in per_type.items()},
     }
+
+
+def described_scene(scene: dict) -> tuple:
+    """What a full caption says of a scene: each object's colour, shape, size and position, and their relation
+    (textures, background and distractors are mentioned only sometimes, so scenes differing only there may share
+    a caption)."""
+    objects = sorted((obj["colour"], obj["shape"], obj["size"], obj["position"]) for obj in scene["objects"])
+    return tuple(objects), scene.get("relation")
+
+
+def distinct_scene_caption_share(predictions: dict[str, str], scenes: dict[str, dict]) -> float:
+    """Share of distinct captions among images whose described scenes differ: one image per described scene (the
+    first by image id), the number of different captions they got over the number of scenes. 1 means no two
+    different scenes share a caption; a collapsed captioner scores near 0."""
+    captions = {}
+    for image_id in sorted(predictions):
+        captions.setdefault(described_scene(scenes[image_id]), predictions[image_id])
+    return len(set(captions.values())) / max(len(captions), 1)
 
 
 # --------------------------------------------------------------------------- rendering

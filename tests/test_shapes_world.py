@@ -210,6 +210,15 @@ def test_parse_attributes_reads_phrases_longest_first():
     assert parse_attributes("a circle on the left.") == [("shape", "circle"), ("position", "left")]
 
 
+def test_distinct_captions_are_counted_over_differing_scenes():
+    striped_twin = {**SCENE, "objects": [{**SCENE["objects"][0], "texture": "dotted"}, SCENE["objects"][1]]}
+    other = {**SCENE, "objects": [{**SCENE["objects"][0], "colour": "green"}, SCENE["objects"][1]]}
+    scenes = {"a": SCENE, "b": striped_twin, "c": other}
+    # a and b differ only in an unmentioned texture: one scene, so sharing a caption is no collapse.
+    assert grounding_scores({"a": "x.", "b": "x.", "c": "y."}, scenes)["distinct_scene_caption_share"] == 1.0
+    assert grounding_scores({"a": "x.", "b": "y.", "c": "x."}, scenes)["distinct_scene_caption_share"] == 0.5
+
+
 def test_grounding_refuses_predictions_without_scene():
     with pytest.raises(KeyError, match="no scene"):
         grounding_scores({"unknown": "a red circle."}, {"image": SCENE})

@@ -1,4 +1,6 @@
-"""The run report: test metrics per stage as a Markdown table (`report.md`) and JSON (`report.json`).
+"""The run report: test metrics per stage, the validation trajectory of every stage, sample captions beside their
+images and training curves (`report.md`, `report.json`, `captions.html`, `captions.png`, `training_curves.png`,
+`histograms.png` in the run folder).
 
     python tools/report.py runs/shapes      # rebuild the report of a finished run
 """
@@ -8,23 +10,60 @@ import sys
 from pathlib import Path
 
 HEADLINE_METRICS = (
-    "cider", "bleu_4", "meteor", "rouge_l", "spice", "attribute_precision", "attribute_recall",
-    "caption_length", "distinct_caption_share", "repeated_word_share",
+    "cider", "bleu_4", "meteor", "rouge_l", "spice", "clip_s", "attribute_precision", "attribute_recall",
+    "caption_length", "distinct_caption_share", "distinct_scene_caption_share", "repeated_word_share",
 )
+TRAJECTORY_METRICS = ("cider", "attribute_precision", "attribute_recall", "caption_length", "repeated_word_share")
 
 
-def metrics_table(test_metrics: dict[str, dict]) -> str:
-    """One row per stage, one column per headline metric the run produced."""
-    columns = [name for name in HEADLINE_METRICS if any(name in m for m in test_metrics.values())]
-    lines = ["| stage | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for stage, metrics in test_metrics.items():
+def metrics_table(test_metrics: dict[str, dict], columns: tuple[str, ...] = HEADLINE_METRICS,
+                  label: str = "stage") -> str:
+    """One row per stage (or step), one column per metric the run produced."""
+    columns = [name for name in columns if any(name in m for m in test_metrics.values())]
+    lines = [f"| {label} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row, metrics in test_metrics.items():
         cells = [f"{metrics[name]:.3f}" if isinstance(metrics.get(name), (int, float)) else "–" for name in columns]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, results: dict) -> Path:
-    """Write `report.md` and `report.json` into `run_dir`; returns the Markdown path."""
+def validation_trajectory(stage_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: validation metrics} from the stage's `trainer_state.json` (empty when it has none)."""
+    state_file = stage_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return {}
+    history = json.loads(state_file.read_text())["log_history"]
+    return {entry["step"]: {key[len("eval_"):]: value for key, value in entry.items() if key.startswith("eval_")}
+            for entry in history if "eval_cider" in entry}
+
+
+def write_figures(run_dir: Path, test_table: str | None, images_dir: str | None = None,
+                  scenes: str | None = None) -> dict[str, str]:
+    """Training curves and histograms, and (given the test images) sample captions beside their images; returns
+    {title: file name in run_dir}."""
+    from tools.captions_page import read_stage_predictions, write_captions_grid, write_captions_page
+    from tools.curves import plot_histograms, plot_training_curves
+
+    figures = {"Training curves": plot_training_curves(run_dir, run_dir / "training_curves.png").name,
+               "Histograms": plot_histograms(run_dir, run_dir / "histograms.png", test_table).name}
+    if test_table and images_dir:
+        predictions = read_stage_predictions(run_dir)
+        scene_table = json.loads(Path(scenes).read_text()) if scenes else None
+        figures["Sample captions (page)"] = write_captions_page(
+            predictions, test_table, images_dir, run_dir / "captions.html", scenes=scene_table).name
+        figures["Sample captions"] = write_captions_grid(
+            predictions, test_table, images_dir, run_dir / "captions.png").name
+    return figures
+
+
+def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = None) -> Path:
+    """Write `report.md` and `report.json` into `run_dir`; returns the Markdown path.
+
+    Args:
+        run_dir: the run folder (one sub-folder per stage).
+        results: what `train.py` returns: per-stage run information and `eval` test metrics per stage.
+        figures: {title: file name in run_dir} of pictures and pages to link (curves, captions).
+    """
     test_metrics = results.get("eval", {})
     training = {stage: info for stage, info in results.items() if stage != "eval"}
     lines = ["# Run report", "", f"Run folder: `{run_dir}`", "", "## Test split", "", metrics_table(test_metrics), ""]
@@ -33,8 +72,19 @@ def write_report(run_dir: Path, results: dict) -> Path:
         for stage, info in training.items():
             lines.append(f"| {stage} | {info['global_step']} | {info['train_minutes']} | {info['num_processes']} "
                          f"| {info.get('best_checkpoint') or '–'} |")
+        lines.append("")
+    trajectories = {stage: validation_trajectory(run_dir / stage) for stage in training}
+    for stage, trajectory in trajectories.items():
+        if trajectory:
+            lines += [f"## Validation trajectory: {stage}", "",
+                      metrics_table(trajectory, ("cider",) + TRAJECTORY_METRICS[1:], label="step"), ""]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"- [{title}]({name})" + ("" if name.endswith(".html") else f"\n\n  ![{title}]({name})")
+                  for title, name in figures.items()]
+        lines.append("")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "report.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "report.json").write_text(json.dumps({**results, "validation_trajectories": trajectories}, indent=1))
     markdown = run_dir / "report.md"
     markdown.write_text("\n".join(lines) + "\n")
     return markdown
@@ -42,4 +92,6 @@ def write_report(run_dir: Path, results: dict) -> Path:
 
 if __name__ == "__main__":
     run = Path(sys.argv[1])
-    print(write_report(run, json.loads((run / "report.json").read_text())).read_text())
+    saved = json.loads((run / "report.json").read_text())
+    saved.pop("validation_trajectories", None)
+    print(write_report(run, saved).read_text())

@@ -1,9 +1,13 @@
 """Training stages as `transformers.Trainer` subclasses, each with its `TrainingArguments` subclass."""
 
 from .common import CaptionCollator, CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
+from .discriminator import Discriminator
 from .init_trainer import InitConfig, InitTrainer, InitTrainingData
+from .rewards import ClipRewards, SemanticWeights
+from .scst_trainer import SCSTConfig, SCSTTrainer
 
 __all__ = [
-    "CaptionCollator", "CaptionEvaluator", "CaptionTrainer", "InitConfig", "InitTrainer", "InitTrainingData", "caption_statistics",
+    "CaptionCollator", "CaptionEvaluator", "CaptionTrainer", "ClipRewards", "Discriminator", "InitConfig",
+    "InitTrainer", "InitTrainingData", "SCSTConfig", "SCSTTrainer", "SemanticWeights", "caption_statistics",
     "mmd_rbf",
 ]

@@ -1,0 +1,526 @@
+"""Stage scst: CLIP rewards, baselines, the weight ramp, the discriminator, skipped steps, exact resume, two processes.
+
+    pytest tests/test_scst_trainer.py
+
+The two-process test launches this file as a script under torchrun:
+    python -m torch.distributed.run --nproc_per_node 2 tests/test_scst_trainer.py WORK_DIR
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from transformers import AutoTokenizer, TrainerCallback
+
+import train
+from conftest import PROJECT_ROOT, tiny_decoder_config
+from configuration_scstclipcap import SCSTClipCapConfig
+from dataprep import shapes
+from dataprep.clip import ClipMismatchError, clip_metadata, save_local_clip
+from modeling_scstclipcap import SCSTClipCapForCaptioning
+from trainers import CaptionEvaluator
+from trainers.discriminator import Discriminator
+from trainers.rewards import ClipRewards, SemanticWeights, semantic_scores
+from trainers.scst_trainer import (
+    SCSTConfig, SCSTTrainer, caption_mask, self_critical_advantages, semantic_weight_at,
+)
+
+COLOURS, SHAPES = ("red", "green", "blue"), ("circle", "square")
+IMAGE_SIZE = 12
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 1, "width": 32, "head_width": 16, "mlp_ratio": 2.0,
+                   "patch_size": 4},
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+TINY_DISCRIMINATOR = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "max_position_embeddings": 48}
+
+
+def render(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Shapes-world images of one large object, cycling through the colours and shapes, and their captions."""
+    rng, pixel_rng = random.Random(seed), np.random.default_rng(seed)
+    pixels, captions = [], []
+    for index in range(count):
+        colour, shape = COLOURS[index % 3], SHAPES[(index // 3) % 2]
+        scene = {"objects": [{"colour": colour, "shape": shape, "size": "large", "texture": "solid",
+                              "position": "center"}], "relation": None, "background": rng.choice(["dark", "light"])}
+        pixels.append(shapes.render_scene(scene, pixel_rng, size=IMAGE_SIZE)[0])
+        captions.append(f"a {colour} {shape}")
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255 - 0.5, captions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run many times faster on one thread, above all on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes_clip(tmp_path_factory):
+    """A tiny open_clip trained for a few seconds on shapes-world pairs, saved as a `local-dir:` folder."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP)
+    pixels, captions = render(96, seed=0)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(captions, context_length=TINY_CLIP["text_cfg"]["context_length"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn, generator = open_clip.ClipLoss(), torch.Generator().manual_seed(0)
+    for _ in range(200):
+        batch = torch.randperm(len(captions), generator=generator)[:32]
+        loss = loss_fn(model.encode_image(pixels[batch], normalize=True),
+                       model.encode_text(tokens[batch], normalize=True), model.logit_scale.exp())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    name = save_local_clip(model.eval(), TINY_CLIP, tmp_path_factory.mktemp("clip") / "tiny")
+    return name, model
+
+
+def encode_images(clip_model, pixels) -> torch.Tensor:
+    with torch.no_grad():
+        return clip_model.encode_image(pixels, normalize=True)
+
+
+def clip_record(clip_name: str, clip_model) -> dict:
+    return clip_metadata(clip_name, None, TINY_CLIP["embed_dim"], True, clip_model.logit_scale.exp().item())
+
+
+def encode_texts(clip_model, texts) -> torch.Tensor:
+    tokens = open_clip.get_tokenizer("ViT-B-32")(texts, context_length=TINY_CLIP["text_cfg"]["context_length"])
+    with torch.no_grad():
+        return clip_model.encode_text(tokens, normalize=True)
+
+
+def images_table(shapes_clip, count=12, seed=1, clip_record_of=None, split="train") -> Dataset:
+    """Rendered images with their CLIP features and, as CLIP-agg targets, their true captions' embeddings."""
+    name, clip_model = shapes_clip
+    pixels, captions = render(count, seed)
+    references = [[c, c.replace("a ", "the ", 1)] if split != "train" else [] for c in captions]
+    table = Dataset.from_dict({
+        "image_id": [f"{split}_{i}" for i in range(count)], "file_name": [f"{split}_{i}.png" for i in range(count)],
+        "clip_features": encode_images(clip_model, pixels).tolist(), "references": references,
+        "agg_text_features": encode_texts(clip_model, captions).tolist(),
+    })
+    table.info.description = json.dumps({"table": "images", "clip": clip_record_of or clip_record(name, clip_model)})
+    return table
+
+
+def corpus_table(shapes_clip) -> Dataset:
+    _, clip_model = shapes_clip
+    sentences = [f"a {size} {colour} {shape}" for size in ("small", "big") for colour in COLOURS for shape in SHAPES]
+    return Dataset.from_dict({"text": sentences, "clip_features": encode_texts(clip_model, sentences).tolist(),
+                              "source": ["toy"] * len(sentences)})
+
+
+def captioner(shapes_clip, tokenizer) -> SCSTClipCapForCaptioning:
+    torch.manual_seed(0)
+    decoder = {**tiny_decoder_config(len(tokenizer)), "n_positions": 32}
+    return SCSTClipCapForCaptioning(SCSTClipCapConfig(
+        prefix_dim=16, prefix_length=2, decoder_config=decoder, clip_model_name=shapes_clip[0], clip_pretrained=None))
+
+
+def scst_config(tmp_path, **overrides) -> SCSTConfig:
+    discriminator_config = tmp_path / "discriminator.json"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    discriminator_config.write_text(json.dumps(TINY_DISCRIMINATOR))
+    settings = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_samples=2, max_new_tokens=6,
+        learning_rate=1e-3, discriminator_learning_rate=1e-3, discriminator_config=str(discriminator_config),
+        max_steps=3, logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return SCSTConfig(**settings)
+
+
+def make_trainer(shapes_clip, tokenizer, config, **kwargs) -> SCSTTrainer:
+    return SCSTTrainer(model=captioner(shapes_clip, tokenizer), args=config, images=images_table(shapes_clip),
+                       corpus=corpus_table(shapes_clip), processing_class=tokenizer, **kwargs)
+
+
+def weights(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    captioner_weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    return {"generator": {k: v.detach().clone() for k, v in captioner_weights.items()},
+            "discriminator": {k: v.detach().clone() for k, v in trainer.discriminator.model.state_dict().items()}}
+
+
+def assert_same_weights(first, second, tolerance=1e-6):
+    for network in ("generator", "discriminator"):
+        for name, tensor in first[network].items():
+            torch.testing.assert_close(second[network][name], tensor, atol=tolerance, rtol=tolerance,
+                                       msg=f"{network} {name}")
+
+
+# ---- rewards
+
+
+def test_clip_rewards_rank_the_right_scene_above_a_wrong_one(shapes_clip):
+    name, clip_model = shapes_clip
+    rewards = ClipRewards.from_model_config(SCSTClipCapConfig(prefix_dim=16, clip_model_name=name,
+                                                              clip_pretrained=None))
+    pixels, truths = render(6, seed=7)  # unseen renderings, one per colour and shape
+    image_features = encode_images(clip_model, pixels)
+    # Trained for seconds, this CLIP knows colours (shapes take it longer): the wrong captions name another colour.
+    candidates = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    scores = torch.stack([rewards([c] * 6, image_features)["semantic"] for c in candidates], dim=1)  # (image, caption)
+    for image, truth in enumerate(truths):
+        right = scores[image, candidates.index(truth)]
+        other_colours = [i for i, c in enumerate(candidates) if c.split()[1] != truth.split()[1]]
+        assert (right > scores[image, other_colours]).all(), (truth, scores[image])
+    wrong = torch.tensor([[c != t for c in candidates] for t in truths])
+    assert scores[~wrong].mean() > scores[wrong].mean() + 0.1 * rewards.logit_scale
+    assert rewards.logit_scale == pytest.approx(clip_model.logit_scale.exp().item())
+
+
+def test_semantic_scores_on_known_vectors():
+    text = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # normalised inside
+    image = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
+    aggregate = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    scores = semantic_scores(text, image, aggregate, SemanticWeights(clip_cos=0.5, agg_cos=0.25, agg_l1=0.25), 10.0)
+    torch.testing.assert_close(scores["clip_cos"], torch.tensor([6.0, 8.0]))
+    torch.testing.assert_close(scores["agg_cos"], torch.tensor([10.0, 0.0]))
+    torch.testing.assert_close(scores["agg_l1"], torch.tensor([10.0, 0.0]))  # 10 * (1 - mean(|0|, |0|)), 10 * (1 - 1)
+    torch.testing.assert_close(scores["semantic"], torch.tensor([3.0 + 2.5 + 2.5, 4.0]))
+    with pytest.raises(ValueError, match="aggregated"):
+        semantic_scores(text, image, None, SemanticWeights(agg_cos=1.0), 10.0)
+
+
+def test_baselines_on_known_numbers():
+    samples = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    greedy = torch.tensor([2.0, 1.0])
+    torch.testing.assert_close(self_critical_advantages(samples, greedy, "greedy"),
+                               torch.tensor([[-1.0, 0.0, 1.0], [-1.0, -1.0, 5.0]]))
+    # mean of the other samples: (2+3)/2, (1+3)/2, (1+2)/2 and 3, 3, 0
+    torch.testing.assert_close(self_critical_advantages(samples, None, "mean"),
+                               torch.tensor([[-1.5, 0.0, 1.5], [-3.0, -3.0, 6.0]]))
+
+
+def test_semantic_weight_ramp():
+    linear = [semantic_weight_at(step, 0.5, 2, 4) for step in range(8)]
+    assert linear == pytest.approx([0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+    constant = [semantic_weight_at(step, 0.5, 2, 4, "constant") for step in range(4)]
+    assert constant == [0, 0, 0.5, 0.5]
+    assert [semantic_weight_at(step, 0.8, 0, 0) for step in range(2)] == [0.8, 0.8]
+
+
+def test_caption_mask_stops_after_the_first_eos_even_when_padding_is_eos():
+    eos = 1
+    captions = torch.tensor([[5, 6, 1, 1, 1], [5, 1, 0, 0, 0], [5, 6, 7, 8, 9], [1, 1, 1, 1, 1]])
+    assert caption_mask(captions, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
+
+
+# ---- the discriminator
+
+
+def test_discriminator_learns_a_separable_toy(tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    discriminator = Discriminator.from_config(TINY_DISCRIMINATOR, tiny_tokenizer, learning_rate=3e-3)
+    discriminator.create_scheduler(num_training_steps=40)
+    real = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    fake = [f"{shape} {shape} {colour} {colour}" for colour in COLOURS for shape in SHAPES]
+    before = discriminator.loss(real, fake)
+    for _ in range(40):
+        output = discriminator.loss(real, fake)
+        output.loss.backward()
+        discriminator.clip_gradients()
+        discriminator.step()
+    after = discriminator.loss(real, fake)
+    assert before.accuracy_real + before.accuracy_fake < 1.5
+    assert after.accuracy_real == after.accuracy_fake == 1.0
+    assert after.loss.item() < 0.5 * before.loss.item()
+    naturalness = discriminator.scores(["a blue circle", "circle circle blue blue"])
+    assert naturalness[0] > 0 > naturalness[1]
+    discriminator.save(tmp_path / "saved")  # a transformers folder: from_pretrained reads it back
+    reloaded = Discriminator.from_pretrained(str(tmp_path / "saved"))
+    torch.testing.assert_close(reloaded.scores(real), discriminator.scores(real))
+
+
+# ---- training
+
+
+def test_training_logs_every_metric_and_moves_both_networks(shapes_clip, tiny_tokenizer, tmp_path):
+    config = scst_config(tmp_path, max_steps=4, gan_training_steps=1, gan_warm_steps=2, reward_weight=0.5,
+                         mmd_weight=0.1, clip_cos_weight=0.5, agg_cos_weight=0.3, agg_l1_weight=0.2)
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+    for network in ("generator", "discriminator"):
+        assert any(not torch.equal(before[network][k], after[network][k]) for k in before[network]), network
+    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert [entry["reward_weight"] for entry in logged] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    expected = {"reward_clip_cos", "reward_agg_cos", "reward_agg_l1", "reward_semantic", "reward_naturalness", "reward_greedy", "advantage_std",
+                "discriminator_accuracy_real", "discriminator_accuracy_fake", "discriminator_loss", "caption_length",
+                "distinct_1", "distinct_2", "repeated_word_share", "same_caption_share", "mmd", "skipped_steps"}
+    assert all(expected <= set(entry) for entry in logged)
+    assert all(math.isfinite(entry["reward"]) and entry["skipped_steps"] == 0 for entry in logged)
+    assert logged[0]["reward"] == pytest.approx(logged[0]["reward_naturalness"])  # w = 0: naturalness alone
+    for entry in logged:
+        mixed = 0.5 * entry["reward_clip_cos"] + 0.3 * entry["reward_agg_cos"] + 0.2 * entry["reward_agg_l1"]
+        assert entry["reward_semantic"] == pytest.approx(mixed, rel=1e-5)
+        w = entry["reward_weight"]
+        assert entry["reward"] == pytest.approx(w * entry["reward_semantic"] + (1 - w) * entry["reward_naturalness"],
+                                                rel=1e-5, abs=1e-6)
+
+
+def test_sample_log_probs_match_the_models_cross_entropy(shapes_clip, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path))
+    model = trainer.model.eval()
+    features = torch.tensor(images_table(shapes_clip)["clip_features"][:3])
+    captions = trainer.roll_out(features).samples
+    with torch.no_grad():
+        token_log_probs, mask, _ = trainer.sample_log_probs(model, features.repeat_interleave(2, 0), captions)
+        cross_entropy = model(prefix_features=features.repeat_interleave(2, 0), input_ids=captions,
+                              attention_mask=mask, labels=captions).loss
+    torch.testing.assert_close(-(token_log_probs * mask).sum() / mask.sum(), cross_entropy)
+
+
+def test_greedy_rows_decode_as_greedy_generation(shapes_clip, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, num_samples=3, sample_top_k=4,
+                                                                    sample_temperature=2.0))
+    model = trainer.model.eval()
+    features = torch.tensor(images_table(shapes_clip)["clip_features"][:5])
+    rollout = trainer.roll_out(features)
+    greedy = model.generate_captions(features, tokenizer=tiny_tokenizer, do_sample=False, max_new_tokens=6)
+    assert rollout.greedy_texts == greedy
+    assert rollout.samples.shape[0] == len(rollout.sample_texts) == 15
+    assert len(set(rollout.sample_texts)) > 5  # temperature 2: samples differ from one another
+
+
+class NonFiniteRewards(ClipRewards):
+    """CLIP rewards that turn into NaN on the given calls (one call per step)."""
+
+    def __init__(self, rewards: ClipRewards, broken_calls: set[int]):
+        super().__init__(rewards.clip, rewards.weights)
+        self.broken_calls, self.calls = broken_calls, 0
+
+    def __call__(self, *args, **kwargs):
+        scores = super().__call__(*args, **kwargs)
+        if self.calls in self.broken_calls:
+            scores["semantic"] = scores["semantic"] * float("nan")
+        self.calls += 1
+        return scores
+
+
+class WeightsAfterEachStep(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.snapshots = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.snapshots.append(weights(self.trainer))
+
+
+def test_a_non_finite_step_is_skipped_by_both_networks(shapes_clip, tiny_tokenizer, tmp_path, caplog):
+    config = scst_config(tmp_path, max_steps=2, reward_weight=1.0)
+    rewards = ClipRewards.from_model_config(captioner(shapes_clip, tiny_tokenizer).config, config.semantic_weights)
+    snapshots = WeightsAfterEachStep()
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, config, rewards=NonFiniteRewards(rewards, {0}),
+                           callbacks=[snapshots])
+    snapshots.trainer = trainer
+    before = weights(trainer)
+    with caplog.at_level(logging.WARNING, logger="trainers.scst_trainer"):
+        trainer.train()
+    assert_same_weights(before, snapshots.snapshots[0], tolerance=0)
+    assert trainer.skipped_steps == 1
+    assert "non-finite rewards" in caplog.text and "skipped" in caplog.text
+    second = snapshots.snapshots[1]
+    for network in ("generator", "discriminator"):
+        assert all(torch.isfinite(t).all() for t in second[network].values())
+        assert any(not torch.equal(before[network][k], second[network][k]) for k in before[network]), network
+    logged = [entry["skipped_steps"] for entry in trainer.state.log_history if "skipped_steps" in entry]
+    assert logged == [1, 1]
+
+
+def test_resume_is_exact(shapes_clip, tiny_tokenizer, tmp_path):
+    """4 steps in one run == 2 steps, a checkpoint, and 2 more steps in a new trainer resumed from it."""
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, gan_training_steps=1, gan_warm_steps=2,
+                    learning_rate=3e-3, baseline="mean")
+    straight = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path / "straight", **settings))
+    straight.train()
+
+    class StopAfterTwoSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    first = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path / "resumed", **settings),
+                         callbacks=[StopAfterTwoSteps()])
+    first.train()
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-2"
+    assert (checkpoint / "discriminator" / "training_state.pt").is_file()
+    torch.manual_seed(123)  # the resumed run must not depend on the state it starts in
+    second = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path / "resumed", **settings))
+    second.train(resume_from_checkpoint=str(checkpoint))
+    assert second.state.global_step == 4
+    assert_same_weights(weights(straight), weights(second))
+    assert second.discriminator.scheduler.state_dict() == straight.discriminator.scheduler.state_dict()
+
+
+def test_evaluation_picks_the_best_checkpoint_by_cider(shapes_clip, tiny_tokenizer, tmp_path):
+    evaluator = CaptionEvaluator(images_table(shapes_clip, count=6, seed=3, split="val"), tiny_tokenizer,
+                                 tmp_path / "predictions", generation_kwargs=dict(max_new_tokens=5))
+    config = scst_config(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                         save_steps=2, metric_for_best_model="cider", load_best_model_at_end=True)
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, config, evaluator=evaluator)
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_cider" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    best = max(evaluations, key=lambda entry: entry["eval_cider"])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert (Path(trainer.state.best_model_checkpoint) / "discriminator" / "config.json").is_file()
+
+
+def test_settings_and_tables_are_checked(shapes_clip, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        scst_config(tmp_path, baseline="mean", num_samples=1)
+    with pytest.raises(ValueError, match="bf16"):
+        scst_config(tmp_path, fp16=True)
+    with pytest.raises(ValueError, match="agg_text_features"):
+        SCSTTrainer(model=captioner(shapes_clip, tiny_tokenizer), args=scst_config(tmp_path, agg_cos_weight=0.5),
+                    images=images_table(shapes_clip).remove_columns("agg_text_features"),
+                    corpus=corpus_table(shapes_clip), processing_class=tiny_tokenizer)
+    other_clip = clip_metadata("ViT-B-32", "openai", 16, True)
+    with pytest.raises(ClipMismatchError, match="training images table"):
+        SCSTTrainer(model=captioner(shapes_clip, tiny_tokenizer), args=scst_config(tmp_path),
+                    images=images_table(shapes_clip, clip_record_of=other_clip), corpus=corpus_table(shapes_clip),
+                    processing_class=tiny_tokenizer)
+
+
+def test_train_script_runs_scst_from_the_init_stage(shapes_clip, tiny_tokenizer, tmp_path):
+    tables = {"train": images_table(shapes_clip), "val": images_table(shapes_clip, count=6, seed=3, split="val"),
+              "corpus": corpus_table(shapes_clip)}
+    tables["corpus"].info.description = tables["train"].info.description.replace('"images"', '"corpus"')
+    for name, table in tables.items():
+        table.save_to_disk(str(tmp_path / name))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    (tmp_path / "decoder.json").write_text(json.dumps({**tiny_decoder_config(), "n_positions": 32}))
+    (tmp_path / "discriminator.json").write_text(json.dumps(TINY_DISCRIMINATOR))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "corpus_table": str(tmp_path / "corpus"), "train_table": str(tmp_path / "train"),
+        "val_table": str(tmp_path / "val"), "tokenizer_name_or_path": str(tmp_path / "tokenizer"),
+        "decoder_config": str(tmp_path / "decoder.json"), "prefix_length": 2, "output_dir": str(tmp_path / "run"),
+        "report_to": "none", "disable_tqdm": True, "seed": 0, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "save_strategy": "no", "eval_strategy": "steps", "eval_steps": 2,
+        "eval_max_new_tokens": 5,
+        "init": {"max_steps": 2, "learning_rate": 1e-3, "eval_strategy": "no"},
+        "scst": {"init_from_stage": "init", "max_steps": 2, "num_samples": 2, "max_new_tokens": 5,
+                 "learning_rate": 1e-3, "eval_on_start": True, "discriminator_config": str(tmp_path / "discriminator.json")},
+    }))  # JSON is YAML
+    with pytest.raises(SystemExit, match="run `--stage init` first"):
+        train.main(["--config", str(recipe), "--stage", "scst"])
+    train.main(["--config", str(recipe), "--stage", "init"])
+    info = train.main(["--config", str(recipe), "--stage", "scst"])["scst"]
+    stage = tmp_path / "run" / "scst"
+    assert info["global_step"] == 2 and info["skipped_steps"] == 0 and len(info["discriminator_sha256"]) == 64
+    init_weights = SCSTClipCapForCaptioning.from_pretrained(str(tmp_path / "run" / "init" / "final")).state_dict()
+    scst_weights = SCSTClipCapForCaptioning.from_pretrained(str(stage / "final")).state_dict()
+    assert any(not torch.equal(init_weights[name], scst_weights[name]) for name in init_weights)
+    history = json.loads((stage / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_cider" in entry] == [0, 2]
+    samples = [json.loads(line) for line in (stage / "rewards.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in samples] == [1, 2]
+    assert len(samples[0]["reward"]) == 4 * 2 and len(samples[0]["caption_length"]) == 4 * 2
+
+
+def test_accelerate_configs_load_and_use_known_settings():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType
+
+    launch_settings = vars(launch_command_parser().parse_args(["train.py"]))
+    found = {}
+    for path in sorted((PROJECT_ROOT / "configs" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        found[path.stem] = config.distributed_type
+        assert config.mixed_precision != "fp16", path.name
+        nested = {**(config.deepspeed_config or {}),
+                  **{k if k.startswith("fsdp") else f"fsdp_{k}": v for k, v in (config.fsdp_config or {}).items()}}
+        assert set(nested) <= set(launch_settings), (path.name, set(nested) - set(launch_settings))
+    assert set(found.values()) >= {DistributedType.MULTI_GPU, DistributedType.DEEPSPEED, DistributedType.FSDP}
+    deepspeed = load_config_from_file(str(PROJECT_ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"))
+    assert deepspeed.deepspeed_config["zero_stage"] == 3 and deepspeed.deepspeed_config["zero3_init_flag"] is False
+
+
+# ---- two processes
+
+
+def test_two_processes_end_with_identical_weights(shapes_clip, tiny_tokenizer, tmp_path):
+    work = tmp_path / "work"
+    tiny_tokenizer.save_pretrained(str(work / "tokenizer"))
+    captioner(shapes_clip, tiny_tokenizer).save_pretrained(str(work / "model"))
+    images_table(shapes_clip).save_to_disk(str(work / "images"))
+    corpus_table(shapes_clip).save_to_disk(str(work / "corpus"))
+    (work / "discriminator.json").write_text(json.dumps(TINY_DISCRIMINATOR))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         __file__, str(work)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((work / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["distributed_type"] == "MULTI_CPU" and r["num_processes"] == 2 for r in ranks)
+    assert [r["process_index"] for r in ranks] == [0, 1]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3
+    assert ranks[0]["generator"] == ranks[1]["generator"] and ranks[0]["discriminator"] == ranks[1]["discriminator"]
+    assert ranks[0]["generator"] != ranks[0]["generator_before"]
+    assert ranks[0]["discriminator"] != ranks[0]["discriminator_before"]
+    assert ranks[0]["first_images"] != ranks[1]["first_images"]  # the ranks really saw different images
+
+
+def fingerprint(state_dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def two_process_run(work: Path):
+    """One rank of the two-process test: 3 scst steps of 2 micro-batches on the saved tiny setup, then its weights'
+    fingerprints."""
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    model = SCSTClipCapForCaptioning.from_pretrained(str(work / "model"))
+    config = SCSTConfig(
+        output_dir=str(work / "run"), per_device_train_batch_size=2, num_samples=2, max_new_tokens=5,
+        learning_rate=3e-3, discriminator_learning_rate=3e-3, discriminator_config=str(work / "discriminator.json"),
+        max_steps=3, gradient_accumulation_steps=2, report_to="none", save_strategy="no", seed=0, use_cpu=True,
+        disable_tqdm=True, reward_weight=0.5, mmd_weight=0.1)
+    trainer = SCSTTrainer(model=model, args=config, images=load_from_disk(str(work / "images")),
+                          corpus=load_from_disk(str(work / "corpus")), processing_class=tokenizer)
+    before = weights(trainer)
+    first_batch = next(iter(trainer.get_train_dataloader()))["prefix_features"][0, :3].tolist()
+    trainer.train()
+    after = weights(trainer)
+    state = trainer.accelerator.state
+    report = {"distributed_type": state.distributed_type.value, "num_processes": state.num_processes,
+              "process_index": state.process_index, "global_step": trainer.state.global_step,
+              "first_images": first_batch,
+              **{network: fingerprint(after[network]) for network in after},
+              **{f"{network}_before": fingerprint(before[network]) for network in before}}
+    (work / f"rank{state.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    two_process_run(Path(sys.argv[1]))
+
+
+@pytest.mark.parametrize("recipe", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_shipped_recipes_parse_for_every_stage(recipe):
+    settings = train.read_recipe(str(recipe))
+    for stage in [stage for stage in train.RECIPE_STAGES if stage in settings] or ["init"]:
+        script, config = train.parse_stage(stage, settings, [])
+        assert script.stage == stage
+        if stage == "scst":
+            assert isinstance(config, SCSTConfig) and (script.init_from_stage or script.model_name_or_path)

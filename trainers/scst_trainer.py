@@ -1,0 +1,610 @@
+"""Stage `scst`: self-critical sequence training of the captioner with CLIP rewards and a naturalness discriminator.
+
+Every step, on a batch of unpaired images:
+1. `num_samples` captions per image are sampled and, for the `greedy` baseline, one greedy caption written (in the
+   same decoding loop), without gradient, by the unwrapped model with the KV cache;
+2. each caption gets a semantic reward from the frozen CLIP ([`ClipRewards`]: CLIP-cos against the image, CLIP-agg
+   against the image's aggregated corpus embedding) and a naturalness reward, the [`Discriminator`]'s logit of "real";
+3. reward = w * semantic + (1 - w) * naturalness, where w is 0 for `gan_training_steps` steps, then ramps (linearly,
+   or at once) over `gan_warm_steps` steps up to `reward_weight`;
+4. the advantage of a sample is its reward minus the baseline: the greedy caption's reward (SCST, Rennie et al.) or
+   the mean reward of the image's other samples (Luo);
+5. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities, and
+   loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over all the batch's caption tokens, EOS
+   included: the loss keeps the scale of a cross-entropy whatever the caption length), plus an optional MMD term
+   between the mapped image prefixes and the mapped prefixes of real corpus sentences;
+6. the discriminator learns, by binary cross-entropy, the step's sampled captions (fake) from as many corpus
+   sentences (real), and takes its optimizer step together with the captioner's.
+
+A step whose rewards, losses or gradient norms are not finite (on any process) is skipped by both networks: their
+gradients are dropped before the optimizer steps, a warning says why, and `skipped_steps` counts it. Under DeepSpeed
+the engine steps inside backward, so there the guard covers the discriminator only.
+"""
+
+import contextlib
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from dataprep.clip import check_clip_metadata, read_clip_metadata
+
+from .common import CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
+from .discriminator import Discriminator
+from .rewards import ClipRewards, SemanticWeights
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("greedy", "mean")
+RAMPS = ("linear", "constant")
+DISCRIMINATOR_FOLDER = "discriminator"
+REWARD_SAMPLES_FILE = "rewards.jsonl"
+STEP_PROBLEMS = ("rewards", "loss", "generator gradients", "discriminator gradients")
+
+
+@dataclass
+class SCSTConfig(TrainingArguments):
+    r"""Settings of the SCST + adversarial stage; everything else is [`~transformers.TrainingArguments`]."""
+
+    # Sampling
+    num_samples: int = field(default=5, metadata={"help": "Captions sampled per image and step."})
+    baseline: str = field(
+        default="greedy",
+        metadata={"help": "greedy: the reward of the image's greedy caption (SCST); mean: the mean reward of the "
+                          "image's other samples.", "choices": BASELINES},
+    )
+    max_new_tokens: int = field(default=20, metadata={"help": "Caption length limit while training."})
+    sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1: the model's own)."})
+    sample_top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0: all)."})
+    sample_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: all tokens)."})
+
+    # Semantic reward
+    clip_cos_weight: float = field(
+        default=1.0, metadata={"help": "Weight of CLIP-cos (caption vs image) in the semantic reward."}
+    )
+    agg_cos_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the cosine between the caption and the image's aggregated corpus embedding "
+                          "(needs an images table with agg_text_features, from `prepare_datasets.py aggregate`)."},
+    )
+    agg_l1_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of 1 - mean |caption - aggregated embedding| (CgT-GAN's L1 term; needs "
+                          "agg_text_features)."},
+    )
+
+    # Mixing semantic and naturalness rewards
+    reward_weight: float = field(
+        default=0.5, metadata={"help": "Final weight w of the semantic reward; the discriminator's gets 1 - w."}
+    )
+    gan_training_steps: int = field(
+        default=0, metadata={"help": "Steps trained on the naturalness reward alone (w = 0) at the start."}
+    )
+    gan_warm_steps: int = field(
+        default=0, metadata={"help": "Steps over which w then ramps linearly up to reward_weight."}
+    )
+    reward_ramp: str = field(
+        default="linear",
+        metadata={"help": "linear: ramp w over gan_warm_steps; constant: w = reward_weight as soon as the "
+                          "naturalness-only steps are over.", "choices": RAMPS},
+    )
+
+    # Discriminator
+    discriminator_name_or_path: str = field(
+        default="roberta-base",
+        metadata={"help": "Pretrained sequence classifier encoder (Hub id or folder) for the naturalness reward."},
+    )
+    discriminator_config: str | None = field(
+        default=None,
+        metadata={"help": "JSON transformers config (with model_type, e.g. a small bert) of a discriminator trained "
+                          "from scratch on the caption tokenizer; overrides discriminator_name_or_path."},
+    )
+    discriminator_learning_rate: float = field(default=1e-5, metadata={"help": "Discriminator AdamW learning rate."})
+    discriminator_weight_decay: float = field(default=0.0, metadata={"help": "Discriminator AdamW weight decay."})
+    discriminator_lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Discriminator scheduler (a transformers scheduler name)."}
+    )
+    discriminator_warmup_steps: int = field(default=0, metadata={"help": "Discriminator warm-up steps."})
+    discriminator_max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Discriminator gradient clipping (0 turns it off)."}
+    )
+    discriminator_max_length: int = field(
+        default=40, metadata={"help": "Discriminator tokens per sentence; longer sentences are cut."}
+    )
+
+    # Optional MMD term, as in stage init
+    mmd_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the MMD between mapped image prefixes and mapped prefixes of the step's real "
+                          "corpus sentences (needs clip_features in the corpus table). 0 turns it off."},
+    )
+    mmd_bandwidths: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
+        metadata={"help": "RBF bandwidths of the MMD kernel, as multiples of the median pairwise distance."},
+    )
+
+    # Evaluation
+    eval_max_new_tokens: int = field(default=30, metadata={"help": "Caption length limit when evaluating."})
+    eval_num_beams: int = field(default=1, metadata={"help": "Beams when evaluating (1: greedy)."})
+
+    # Trainer defaults that suit this stage
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Captioner AdamW learning rate (higher rates let CLIP's reward be hacked)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the table columns the stage reads (CLIP features)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}.")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
+        if self.baseline == "mean" and self.num_samples < 2:
+            raise ValueError("the mean baseline averages the other samples of an image: set num_samples >= 2.")
+        if self.reward_ramp not in RAMPS:
+            raise ValueError(f"reward_ramp must be one of {RAMPS}, got {self.reward_ramp!r}.")
+        if not 0 <= self.reward_weight <= 1:
+            raise ValueError(f"reward_weight must lie in [0, 1], got {self.reward_weight}.")
+        for name in ("gan_training_steps", "gan_warm_steps", "discriminator_warmup_steps", "mmd_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0:
+            raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
+        if self.max_new_tokens < 1 or self.eval_max_new_tokens < 1 or self.eval_num_beams < 1:
+            raise ValueError("max_new_tokens, eval_max_new_tokens and eval_num_beams must be >= 1.")
+        if self.fp16:
+            raise ValueError("the scst stage trains two networks, which fp16's single loss scaler does not cover: use "
+                             "bf16 or full precision.")
+        SemanticWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)  # raises on bad weights
+
+    @property
+    def semantic_weights(self) -> SemanticWeights:
+        return SemanticWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)
+
+
+def semantic_weight_at(step: int, reward_weight: float, gan_training_steps: int, gan_warm_steps: int,
+                       ramp: str = "linear") -> float:
+    """w at the step with 0-based index `step`: 0 for the first `gan_training_steps` steps, then reward_weight * i /
+    gan_warm_steps on the i-th step after them (linear) or reward_weight at once (constant, or no warm steps)."""
+    steps_after = step - gan_training_steps + 1
+    if steps_after <= 0:
+        return 0.0
+    if ramp == "constant" or gan_warm_steps == 0:
+        return reward_weight
+    return reward_weight * min(1.0, steps_after / gan_warm_steps)
+
+
+def self_critical_advantages(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor | None,
+                             baseline: str) -> torch.Tensor:
+    """(B, K) advantages of K samples per image: minus the image's greedy reward (B,), or minus the mean of the
+    image's other K - 1 samples."""
+    if baseline == "greedy":
+        return sample_rewards - greedy_rewards[:, None]
+    others = (sample_rewards.sum(dim=1, keepdim=True) - sample_rewards) / (sample_rewards.shape[1] - 1)
+    return sample_rewards - others
+
+
+def caption_mask(captions: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on the caption tokens up to and including the first EOS, 0 on what generation padded after it (the padding
+    token may be EOS itself, as GPT-2's is)."""
+    is_eos = (captions == eos_token_id).long()
+    return ((is_eos.cumsum(dim=-1) - is_eos) == 0).long()
+
+
+def trim_padding(captions: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """The captions without the trailing columns that are padding in every row."""
+    width = int(caption_mask(captions, eos_token_id).any(dim=0).nonzero().max()) + 1
+    return captions[:, :width]
+
+
+def policy_gradient_loss(token_log_probs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-sum(advantage * log p(token)) over the caption tokens, divided by their number."""
+    weighted = advantages[:, None] * token_log_probs * mask
+    return -weighted.sum() / mask.sum().clamp_min(1)
+
+
+def shared_caption_share(captions: list[str]) -> float:
+    """Share of the images whose caption is also another image's caption."""
+    counts = Counter(captions)
+    return sum(counts[caption] > 1 for caption in captions) / max(len(captions), 1)
+
+
+class GreedyRows(LogitsProcessor):
+    """Leaves only the likeliest token in the last of every `period` rows, so that sampling picks it: those rows
+    decode greedily inside a sampling `generate` call. Custom processors run after the model's own ones (whose
+    result greedy decoding takes the argmax of) and before temperature, top-k and top-p, which keep the argmax."""
+
+    def __init__(self, period: int):
+        self.period = period
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = torch.arange(len(scores), device=scores.device) % self.period == self.period - 1
+        best = scores.argmax(dim=-1, keepdim=True)
+        only_best = torch.full_like(scores, float("-inf")).scatter(-1, best, scores.gather(-1, best))
+        return torch.where(rows[:, None], only_best, scores)
+
+
+class ImageCollator:
+    """Rows of an images table -> `prefix_features` (B, D) and, when the table has them, `agg_features` (B, D)."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {"prefix_features": torch.tensor([row["clip_features"] for row in rows], dtype=torch.float32)}
+        if "agg_text_features" in rows[0]:
+            batch["agg_features"] = torch.tensor([row["agg_text_features"] for row in rows], dtype=torch.float32)
+        return batch
+
+
+class CorpusStream:
+    """The discriminator's real sentences: the corpus in a seeded order, reshuffled every pass, read at positions
+    fixed by the step, the micro-batch and the process, so that a resumed run reads what an uninterrupted one would."""
+
+    def __init__(self, corpus, seed: int, with_features: bool = False):
+        self.corpus = corpus.select_columns(["text", "clip_features"] if with_features else ["text"])
+        self.seed = seed
+        self._pass, self._order = None, None
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def rows(self, start: int, count: int) -> list[int]:
+        indices = []
+        for position in range(start, start + count):
+            corpus_pass, offset = divmod(position, len(self.corpus))
+            if corpus_pass != self._pass:
+                generator = torch.Generator().manual_seed(self.seed + corpus_pass)
+                self._pass, self._order = corpus_pass, torch.randperm(len(self.corpus), generator=generator).tolist()
+            indices.append(self._order[offset])
+        return indices
+
+    def take(self, start: int, count: int) -> dict[str, list]:
+        """`count` rows from stream position `start`: {"text": [...]} (and "clip_features")."""
+        return self.corpus[self.rows(start, count)]
+
+
+@dataclass
+class Rollout:
+    """A step's captions: `samples` (B*K, T) token ids, their texts, and the greedy captions' texts (or None)."""
+
+    samples: torch.Tensor
+    sample_texts: list[str]
+    greedy_texts: list[str] | None
+
+
+class SynchronisedStep(TrainerCallback):
+    """Just before the captioner's optimizer step: the discriminator's step, or the skip of both."""
+
+    def __init__(self, trainer: "SCSTTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.ensure_discriminator_scheduler()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.finish_step()
+
+
+class SCSTTrainer(CaptionTrainer):
+    """SCST with CLIP rewards and a naturalness discriminator for a [`SCSTClipCapForCaptioning`].
+
+    Args:
+        model: the captioner, usually the output of stage `init`.
+        args: [`SCSTConfig`].
+        images: table of unpaired training images with `clip_features` (and `agg_text_features` when the semantic
+            reward weighs CLIP-agg); it is the training set, one row per image.
+        corpus: table with `text` (the discriminator's real sentences; and `clip_features` when `mmd_weight > 0`).
+        processing_class: the caption tokenizer (saved with every checkpoint).
+        discriminator: a ready [`Discriminator`]; by default built from `args` (`discriminator_config` on the caption
+            tokenizer, or `discriminator_name_or_path`).
+        rewards: ready [`ClipRewards`]; by default the CLIP of `model.config` (`clip_model_name`, `clip_pretrained`).
+            The images table must come from that same CLIP.
+        evaluator: a [`CaptionEvaluator`] on the validation images; without it, evaluation is skipped.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model, args: SCSTConfig, images, corpus, processing_class,
+                 discriminator: Discriminator | None = None, rewards: ClipRewards | None = None,
+                 evaluator: CaptionEvaluator | None = None, **kwargs):
+        check_tables(images, corpus, args)
+        if evaluator is not None:
+            # The Trainer wants an eval_dataset for its evaluation schedule; evaluate() reads the evaluator's.
+            kwargs.setdefault("eval_dataset", evaluator.images)
+        super().__init__(model=model, args=args, train_dataset=images, data_collator=ImageCollator(),
+                         processing_class=processing_class, **kwargs)
+        if args.mmd_weight > 0 and self.is_fsdp_enabled:
+            raise ValueError("mmd_weight > 0 maps corpus embeddings outside the model's forward, which FSDP's sharded "
+                             "parameters do not allow: set mmd_weight 0 or use DDP / DeepSpeed.")
+        self.captioner_config = model.config
+        if self.captioner_config.eos_token_id is None:
+            raise ValueError("the captioner's config has no eos_token_id: captions could not end.")
+        self.rewards = rewards or ClipRewards.from_model_config(model.config, args.semantic_weights, args.device)
+        check_clip_metadata(read_clip_metadata(images), self.rewards.metadata,
+                            "the training images table (its features feed the CLIP rewards)")
+        self.discriminator = (discriminator or build_discriminator(args, processing_class)).to(args.device)
+        self.real_sentences = CorpusStream(corpus, args.seed, with_features=args.mmd_weight > 0)
+        self.evaluator = evaluator
+        self.skipped_steps = 0
+        self._reward_samples = {}
+        self._metrics = defaultdict(list)
+        self._step_metrics = defaultdict(list)
+        self._step_problems = set()
+        self._micro_step = 0
+        self.add_callback(SynchronisedStep(self))
+
+    # ---- one step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        features = inputs["prefix_features"]
+        rollout = self.roll_out(features)
+        advantages = self.advantages(rollout, features, inputs.get("agg_features"))
+        num_samples = self.args.num_samples
+        token_log_probs, mask, prefix_embeds = self.sample_log_probs(
+            model, features.repeat_interleave(num_samples, dim=0), rollout.samples)
+        loss = policy_gradient_loss(token_log_probs, mask, advantages.flatten())
+        self._step_metrics["policy_loss"].append(loss.item())
+        real = self.real_sentences.take(self.stream_position(), len(rollout.sample_texts))
+        if self.args.mmd_weight > 0:
+            loss = loss + self.args.mmd_weight * self.mmd(model, prefix_embeds[::num_samples], real["clip_features"])
+        if not torch.isfinite(loss):
+            self._step_problems.add("loss")
+        self.train_discriminator(real["text"], rollout.sample_texts)
+        self.record_captions(rollout, mask)
+        self._micro_step += 1
+        return loss
+
+    @torch.no_grad()
+    def roll_out(self, features: torch.Tensor) -> Rollout:
+        """Sampled (and greedy) captions of a batch of image embeddings, in evaluation mode, with the KV cache.
+
+        The greedy captions come out of the same `generate` call as the samples, as one more row per image that
+        [`GreedyRows`] restricts to its likeliest token: one decoding loop instead of two."""
+        num_samples, greedy = self.args.num_samples, self.args.baseline == "greedy"
+        rows_per_image = num_samples + int(greedy)
+        config = self.captioner_config
+        with self.generation_model() as generator:
+            was_training = generator.training
+            generator.eval()
+            try:
+                captions = generator.generate(
+                    features, do_sample=True, num_return_sequences=rows_per_image,
+                    temperature=self.args.sample_temperature, top_k=self.args.sample_top_k,
+                    top_p=self.args.sample_top_p, max_new_tokens=self.args.max_new_tokens,
+                    eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                    logits_processor=LogitsProcessorList([GreedyRows(rows_per_image)] if greedy else []),
+                    synced_gpus=self.generation_is_collective)
+            finally:
+                generator.train(was_training)
+        captions = captions.view(len(features), rows_per_image, -1)
+        samples = trim_padding(captions[:, :num_samples].flatten(0, 1), config.eos_token_id)
+        return Rollout(samples, self.decode(samples), self.decode(captions[:, num_samples]) if greedy else None)
+
+    @property
+    def generation_is_collective(self) -> bool:
+        """Whether every forward gathers sharded parameters, so that all processes must run as many forwards."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return (zero3 or self.is_fsdp_enabled) and self.accelerator.num_processes > 1
+
+    @contextlib.contextmanager
+    def generation_model(self):
+        """The model `generate` runs on, as transformers' Seq2SeqTrainer chooses it: FSDP (v1) with its parameters
+        gathered; FSDP2 and DeepSpeed ZeRO-3 as they are (each forward gathers what it needs); otherwise the
+        unwrapped model, outside DDP."""
+        if self.is_fsdp_enabled:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(self.model, FullyShardedDataParallel):
+                with FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
+                    yield self.model
+                return
+            yield self.model
+            return
+        yield self.accelerator.unwrap_model(self.model_wrapped)
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        texts = self.processing_class.batch_decode(token_ids, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def advantages(self, rollout: Rollout, features: torch.Tensor, agg_features: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) advantages of the samples; records every reward's mean."""
+        num_images, num_samples = len(features), self.args.num_samples
+        texts = rollout.sample_texts + (rollout.greedy_texts or [])
+        owner = torch.cat((torch.arange(num_images).repeat_interleave(num_samples),
+                           torch.arange(num_images if rollout.greedy_texts else 0))).to(features.device)
+        semantic = self.rewards(texts, features[owner], None if agg_features is None else agg_features[owner])
+        naturalness = self.discriminator.scores(texts).to(features.device)
+        weight = semantic_weight_at(self.state.global_step, self.args.reward_weight, self.args.gan_training_steps,
+                                    self.args.gan_warm_steps, self.args.reward_ramp)
+        rewards = weight * semantic["semantic"] + (1 - weight) * naturalness
+        if not torch.isfinite(rewards).all():
+            self._step_problems.add("rewards")
+        sample_count = num_images * num_samples
+        greedy = rewards[sample_count:] if rollout.greedy_texts else None
+        advantages = self_critical_advantages(rewards[:sample_count].view(num_images, num_samples), greedy,
+                                              self.args.baseline)
+        for name, values in {**{f"reward_{name}": value for name, value in semantic.items()},
+                             "reward_naturalness": naturalness, "reward": rewards}.items():
+            self._step_metrics[name].append(values[:sample_count].mean().item())
+            self._reward_samples[name] = values[:sample_count].tolist()
+        if greedy is not None:
+            self._step_metrics["reward_greedy"].append(greedy.mean().item())
+        self._step_metrics["reward_weight"].append(weight)
+        self._step_metrics["advantage_std"].append(advantages.std().item() if advantages.numel() > 1 else 0.0)
+        return advantages
+
+    def sample_log_probs(self, model, prefix_features: torch.Tensor, captions: torch.Tensor):
+        """Token log-probabilities (N, T) of the captions from one teacher-forced pass of the wrapped model, their
+        mask, and the mapped prefixes."""
+        mask = caption_mask(captions, self.captioner_config.eos_token_id)
+        outputs = model(prefix_features=prefix_features, input_ids=captions, attention_mask=mask,
+                        logits_to_keep=captions.shape[1] + 1, use_cache=False)
+        logits = outputs.logits[:, :-1].float()  # position i predicts caption token i
+        token_log_probs = logits.gather(-1, captions[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
+        return token_log_probs, mask, outputs.prefix_embeds
+
+    def mmd(self, model, image_prefix: torch.Tensor, real_features: list) -> torch.Tensor:
+        text_features = torch.tensor(real_features, dtype=torch.float32, device=image_prefix.device)
+        # The text side goes through the mapper alone; its gradient joins the wrapped pass's on the same parameters.
+        text_prefix = self.accelerator.unwrap_model(model).map_prefix(text_features)
+        value = mmd_rbf(image_prefix.flatten(1), text_prefix.flatten(1), tuple(self.args.mmd_bandwidths))
+        self._step_metrics["mmd"].append(value.item())
+        return value
+
+    def stream_position(self) -> int:
+        """Where this micro-batch reads the corpus stream: one slot per (step, micro-batch, process)."""
+        slot = (self.state.global_step * self.args.gradient_accumulation_steps + self._micro_step) \
+            * self.accelerator.num_processes + self.accelerator.process_index
+        return slot * self.args.per_device_train_batch_size * self.args.num_samples
+
+    def train_discriminator(self, real: list[str], fake: list[str]):
+        """Backward of the discriminator's loss on this micro-batch; its step comes with the captioner's."""
+        with self.accelerator.autocast():
+            output = self.discriminator.loss(real, fake)
+        accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        (output.loss / accumulation).backward()
+        if not torch.isfinite(output.loss):
+            self._step_problems.add("loss")
+        self._step_metrics["discriminator_loss"].append(output.loss.item())
+        self._step_metrics["discriminator_accuracy_real"].append(output.accuracy_real)
+        self._step_metrics["discriminator_accuracy_fake"].append(output.accuracy_fake)
+
+    def record_captions(self, rollout: Rollout, mask: torch.Tensor):
+        self._reward_samples["caption_length"] = [len(text.split()) for text in rollout.sample_texts]
+        statistics = caption_statistics(rollout.sample_texts)
+        for name in ("caption_length", "distinct_1", "distinct_2", "repeated_word_share"):
+            self._step_metrics[name].append(statistics[name])
+        per_image = rollout.greedy_texts or rollout.sample_texts[:: self.args.num_samples]
+        self._step_metrics["same_caption_share"].append(shared_caption_share(per_image))
+        self._step_metrics["caption_tokens"].append(mask.sum(dim=1).float().mean().item())
+
+    def finish_step(self):
+        """The discriminator's optimizer step, or, when anything of this step is not finite on any process, the skip
+        of both networks' steps. Called by [`SynchronisedStep`] just before the captioner's optimizer step."""
+        self.discriminator.all_reduce_gradients()
+        discriminator_norm = self.discriminator.clip_gradients()
+        if not torch.isfinite(discriminator_norm):
+            self._step_problems.add("discriminator gradients")
+        if not gradients_are_finite(self.model_wrapped):
+            self._step_problems.add("generator gradients")
+        local = torch.tensor([float(problem in self._step_problems) for problem in STEP_PROBLEMS],
+                             device=self.args.device)
+        problems = [name for name, flag in zip(STEP_PROBLEMS, self.accelerator.reduce(local, "sum")) if flag > 0]
+        if problems:
+            for parameter in self.model_wrapped.parameters():
+                parameter.grad = None
+            self.discriminator.skip()
+            self.skipped_steps += 1
+            logger.warning("step %d: non-finite %s; the step is skipped for the captioner and the discriminator "
+                           "(%d skipped so far).", self.state.global_step + 1, ", ".join(problems), self.skipped_steps)
+        else:
+            self.discriminator.step()
+        self._step_metrics["discriminator_grad_norm"].append(discriminator_norm.item())
+        self._step_metrics["skipped_steps"].append(self.skipped_steps)
+        self.publish_step_metrics()
+        self._step_problems.clear()
+        self._micro_step = 0
+
+    def publish_step_metrics(self):
+        """This step's metrics, averaged over its micro-batches and over the processes, into the logging buffer."""
+        names = sorted(self._step_metrics)
+        local = torch.tensor([sum(values) / len(values) for values in map(self._step_metrics.get, names)],
+                             dtype=torch.float64, device=self.args.device)
+        for name, value in zip(names, self.accelerator.reduce(local, "mean").tolist()):
+            self._metrics[name].append(value)
+        self._step_metrics.clear()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._reward_samples and self.args.should_save:
+            self.write_reward_samples()
+        super().log(logs, start_time)
+
+    def write_reward_samples(self):
+        """The latest step's per-sample rewards and caption lengths (this process's samples), one JSON line per
+        logging step, for reward histograms."""
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, REWARD_SAMPLES_FILE), "a") as samples:
+            samples.write(json.dumps({"step": self.state.global_step, **self._reward_samples}) + "\n")
+
+    # ---- schedules, checkpoints, evaluation
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.discriminator.create_scheduler(num_training_steps)
+        return scheduler
+
+    def ensure_discriminator_scheduler(self):
+        """A DeepSpeed config with its own scheduler bypasses `create_scheduler`: the discriminator's is made here."""
+        if self.discriminator.scheduler is None:
+            self.discriminator.create_scheduler(self.state.max_steps)
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            self.discriminator.save(os.path.join(checkpoint, DISCRIMINATOR_FOLDER),
+                                    extra_state={"skipped_steps": self.skipped_steps})
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.ensure_discriminator_scheduler()
+            extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
+            self.skipped_steps = extra.get("skipped_steps", 0)
+
+
+def gradients_are_finite(model) -> bool:
+    """Whether this process's share of the model's gradients is finite (sharded gradients count their local part)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def check_tables(images, corpus, args: SCSTConfig):
+    """Clear errors for tables that lack what the settings need."""
+    if "clip_features" not in images.column_names:
+        raise ValueError(f"the training images table has no clip_features column (columns: {images.column_names}).")
+    if args.semantic_weights.needs_aggregates and "agg_text_features" not in images.column_names:
+        raise ValueError("agg_cos_weight / agg_l1_weight > 0 need agg_text_features in the training images table: "
+                         "make it with `prepare_datasets.py aggregate`.")
+    if "text" not in corpus.column_names or len(corpus) == 0:
+        raise ValueError(f"the corpus table must hold sentences in a text column (columns: {corpus.column_names}, "
+                         f"{len(corpus)} rows).")
+    if args.mmd_weight > 0 and "clip_features" not in corpus.column_names:
+        raise ValueError("mmd_weight > 0 needs clip_features in the corpus table.")
+
+
+def build_discriminator(args: SCSTConfig, caption_tokenizer) -> Discriminator:
+    """The discriminator the settings describe, replicated on every process (never partitioned by DeepSpeed ZeRO-3,
+    whose engine only holds the captioner)."""
+    settings = dict(max_length=args.discriminator_max_length, learning_rate=args.discriminator_learning_rate,
+                    weight_decay=args.discriminator_weight_decay,
+                    lr_scheduler_type=args.discriminator_lr_scheduler_type,
+                    warmup_steps=args.discriminator_warmup_steps, max_grad_norm=args.discriminator_max_grad_norm)
+    with zero3_init_disabled(args):
+        if args.discriminator_config:
+            return Discriminator.from_config(args.discriminator_config, caption_tokenizer, **settings)
+        return Discriminator.from_pretrained(args.discriminator_name_or_path, **settings)
+
+
+@contextlib.contextmanager
+def zero3_init_disabled(args: TrainingArguments):
+    """While transformers knows a ZeRO-3 config, `from_pretrained` / `from_config` build partitioned models."""
+    deepspeed_config = getattr(args, "hf_deepspeed_config", None)
+    if deepspeed_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(deepspeed_config)
+
