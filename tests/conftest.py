@@ -16,6 +16,23 @@ from configuration_scstclipcap import SCSTClipCapConfig  # noqa: E402
 TINY_WORDS = "a the red blue green circle square triangle small big left right of above below is and".split()
 
 
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_tiny_clip(folder, seed: int = 0) -> str:
+    """A random tiny open_clip saved as a `local-dir:` folder; returns its open_clip model name."""
+    import open_clip
+
+    from dataprep.clip import save_local_clip
+
+    torch.manual_seed(seed)
+    return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, folder)
+
+
 def tiny_decoder_config(vocab_size: int = 64) -> dict:
     return dict(
         n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetInfo
+from datasets import Dataset
 
 import train
 from dataprep.clip import clip_metadata

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel
 
-from configuration_scstclipcap import SCSTClipCapConfig
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 
 MAPPING_TYPES = ["mlp", "transformer"]

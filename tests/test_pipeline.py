@@ -9,15 +9,14 @@ import sys
 import textwrap
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import tiny_decoder_config
+from conftest import make_tiny_clip, tiny_decoder_config
 
-from dataprep.clip import encode_images, load_clip, save_local_clip
+from dataprep.clip import encode_images, load_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import (
     PIPELINE_TASK,
@@ -28,21 +27,11 @@ from pipeline_scstclipcap import (
     make_pipeline_ready,
 )
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def make_clip(folder, seed: int) -> str:
-    torch.manual_seed(seed)
-    return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, folder)
 
 
 @pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
-    return make_clip(tmp_path_factory.mktemp("clip"), seed=0)
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +122,7 @@ def test_pipeline_in_a_fresh_process_captions_as_generate_on_table_features(
     # The config names the CLIP by a path relative to the training directory, as train.py records it; from
     # anywhere else only the CLIP bundled in the model folder can serve.
     monkeypatch.chdir(tmp_path)
-    make_clip(tmp_path / "data" / "clip", seed=0)
+    make_tiny_clip(tmp_path / "data" / "clip", seed=0)
     relative_clip = "local-dir:data/clip"
     folder = tmp_path / "model"
     save_captioner(folder, make_config, tiny_tokenizer, relative_clip, image_paths)
@@ -220,7 +209,7 @@ def test_bundled_clip_wins_over_the_config_reference(model_dir, clip_name, image
     config = SCSTClipCapForCaptioning.from_pretrained(model_dir).config
     assert CaptioningClip.for_captioner(config, model_dir).reference == clip_name
 
-    other_clip = make_clip(tmp_path / "other_clip", seed=1)
+    other_clip = make_tiny_clip(tmp_path / "other_clip", seed=1)
     assert bundle_clip(model_dir, other_clip) == model_dir / "clip"
     clip = CaptioningClip.for_captioner(config, model_dir)
     other_model, other_preprocess, _ = load_clip(other_clip)

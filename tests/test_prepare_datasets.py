@@ -7,14 +7,14 @@ import pickle
 
 import datasets
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from conftest import TINY_CLIP, make_tiny_clip
 from dataprep.clip import (ClipMismatchError, check_clip_metadata, clip_metadata, encode_images, encode_texts,
-                           load_clip, read_clip_metadata, save_local_clip)
+                           load_clip, read_clip_metadata)
 from dataprep.common import RunOptions
 from dataprep.corpus import split_for_pretraining
 from dataprep.neighbors import aggregated_targets, nearest_sentences
@@ -22,27 +22,17 @@ from dataprep.shapes import ClipTraining
 from dataprep.world import prepare_shapes
 from prepare_datasets import main
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 DIM = TINY_CLIP["embed_dim"]
-
-
-def make_clip(folder, seed: int) -> str:
-    torch.manual_seed(seed)
-    return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, folder)
 
 
 @pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
-    return make_clip(tmp_path_factory.mktemp("clip_a"), seed=0)
+    return make_tiny_clip(tmp_path_factory.mktemp("clip_a"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def other_clip_name(tmp_path_factory) -> str:
-    return make_clip(tmp_path_factory.mktemp("clip_b"), seed=1)
+    return make_tiny_clip(tmp_path_factory.mktemp("clip_b"), seed=1)
 
 
 def write_image(path, seed: int, fmt: str = "JPEG") -> None:

@@ -13,20 +13,14 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import open_clip
 import pytest
-import torch
 from PIL import Image
 
-from dataprep.clip import LoadedClip, encode_texts, save_local_clip
+from conftest import make_tiny_clip
+from dataprep.clip import LoadedClip, encode_texts
 from tools import captions_page, curves
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 IMAGE_IDS = [f"img_{index}" for index in range(6)]
 INIT_CAPTIONS = {image_id: f"a small {colour} circle on the left." for image_id, colour in
                  zip(IMAGE_IDS, ("red", "blue", "green", "purple", "yellow", "orange"))}
@@ -37,8 +31,7 @@ SUPERVISED_CAPTIONS = {image_id: "two shapes." for image_id in IMAGE_IDS}
 
 @pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, tmp_path_factory.mktemp("clip"))
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def write_json(path: Path, value) -> Path:

@@ -8,13 +8,13 @@ import math
 from html.parser import HTMLParser
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from datasets import Dataset, Features
 from PIL import Image
 
-from dataprep.clip import LoadedClip, encode_images, encode_texts, read_clip_metadata, save_local_clip
+from conftest import TINY_CLIP, make_tiny_clip
+from dataprep.clip import LoadedClip, encode_images, encode_texts, read_clip_metadata
 from dataprep.common import table_description
 from dataprep.tables import TableWriter, corpus_features, feature_column, feature_matrix, images_features, load_table
 from modeling_scstclipcap import SCSTClipCapForCaptioning
@@ -23,11 +23,6 @@ from tools.fictitious import (FictitiousSettings, SynthesisSettings, build_ficti
                               mean_embedding, modality_gap, noisy_text, save_fictitious_table, synthesize_images)
 from tools.prefix_tokens import DISTANCES, nearest_tokens, prefix_neighbours
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 DIM = TINY_CLIP["embed_dim"]
 SENTENCES = ["a red circle", "a blue square above a green triangle", "the big red square", "a small blue circle",
              "a green triangle left of a red circle", "the small square below the big circle"]
@@ -36,8 +31,7 @@ NUM_IMAGES = 5
 
 @pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, tmp_path_factory.mktemp("clip"))
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +336,7 @@ def test_fictitious_cli_writes_table_figure_and_page(tmp_path, tables, captioner
 
 
 def test_fictitious_cli_refuses_a_corpus_of_another_clip(tmp_path, tables, captioner_dir, capsys):
-    torch.manual_seed(1)
-    other = LoadedClip.load(save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, tmp_path / "other_clip"))
+    other = LoadedClip.load(make_tiny_clip(tmp_path / "other_clip", seed=1))
     with TableWriter(tmp_path / "corpus", corpus_features(DIM), table_description("corpus", other.metadata)) as w:
         w.write({"text": ["a"], "clip_features": np.ones((1, DIM), np.float32) / 4, "source": ["text"]})
         w.finish()

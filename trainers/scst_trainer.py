@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, Trainer, TrainerCallback, TrainingArguments
+from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dataprep.clip import check_clip_metadata, read_clip_metadata
