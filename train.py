@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, gather_object
 from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
 
@@ -282,10 +283,16 @@ def flat_grounding(scores: dict) -> dict[str, float]:
     return flat
 
 
-def verify_ranks_agree(model, state: PartialState) -> str:
-    """A fingerprint of the weights, identical on every rank, or a loud failure."""
+def verify_ranks_agree(model, state: PartialState) -> str | None:
+    """A fingerprint of the weights, identical on every rank, or a loud failure. FSDP's sharded tensors are gathered
+    whole (in the same order on every rank); under DeepSpeed ZeRO-3 each rank holds only its partition, kept
+    consistent by the engine, and there is nothing to compare (None)."""
+    if state.distributed_type == DistributedType.DEEPSPEED and AcceleratorState().deepspeed_plugin.zero_stage == 3:
+        return None
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
     fingerprints = gather_object([digest.hexdigest()])
@@ -384,7 +391,7 @@ def make_final_pipeline_ready(final_dir: Path):
 
 def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialState, model_dir: str) -> dict:
     """Captions and metrics of the model in `model_dir` on the test split."""
-    model = SCSTClipCapForCaptioning.from_pretrained(model_dir)
+    model = SCSTClipCapForCaptioning.from_pretrained(model_dir).to(config.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_tables_share_a_clip({"test": script.test_table}, model.config)
     output_dir = Path(model_dir)
@@ -413,6 +420,9 @@ def main(argv: list[str] | None = None):
         set_seed(config.seed)
         prepare_world(script, state)
         if current == "eval":
+            if not results and script.model_name_or_path is None:
+                raise SystemExit("the eval stage evaluates --model_name_or_path (a model folder or Hub id), or the "
+                                 "stages trained before it with --stage all")
             for trained in [s for s in results if s != "eval"] or [script.model_name_or_path]:
                 model_dir = str(stage_dir(config, trained) / "final") if trained in results else trained
                 results.setdefault("eval", {})[trained] = run_eval_stage(script, config, state, model_dir)

@@ -77,7 +77,10 @@ def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = 
     for stage, trajectory in trajectories.items():
         if trajectory:
             lines += [f"## Validation trajectory: {stage}", "",
-                      metrics_table(trajectory, ("cider",) + TRAJECTORY_METRICS[1:], label="step"), ""]
+                      metrics_table(trajectory, TRAJECTORY_METRICS, label="step"), ""]
+            if 0 in trajectory:
+                lines += ["Step 0 is the model the stage started from; only the stage's own checkpoints compete "
+                          "for the best one.", ""]
     if figures:
         lines += ["## Figures", ""]
         lines += [f"- [{title}]({name})" + ("" if name.endswith(".html") else f"\n\n  ![{title}]({name})")
@@ -90,8 +93,12 @@ def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = 
     return markdown
 
 
+FIGURE_FILES = {"Training curves": "training_curves.png", "Histograms": "histograms.png",
+                "Sample captions (page)": "captions.html", "Sample captions": "captions.png"}
+
 if __name__ == "__main__":
     run = Path(sys.argv[1])
     saved = json.loads((run / "report.json").read_text())
     saved.pop("validation_trajectories", None)
-    print(write_report(run, saved).read_text())
+    existing = {title: name for title, name in FIGURE_FILES.items() if (run / name).is_file()}
+    print(write_report(run, saved, existing).read_text())

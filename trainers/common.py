@@ -115,7 +115,12 @@ class CaptionEvaluator:
         was_training = model.training
         model.eval()
         shard = list(range(accelerator.process_index, len(self.image_ids), accelerator.num_processes))
-        pairs = gather_object(list(zip([self.image_ids[i] for i in shard], self.caption(model, shard))))
+        # Under ZeRO-3 or FSDP every forward is collective, so every process runs as many batches: shorter shards
+        # repeat an image, whose extra captions are dropped.
+        per_process = -(-len(self.image_ids) // accelerator.num_processes)
+        padded = shard + [shard[-1] if shard else 0] * (per_process - len(shard))
+        captions = self.caption(model, padded)[: len(shard)]
+        pairs = gather_object(list(zip([self.image_ids[i] for i in shard], captions)))
         model.train(was_training)
         metrics = [None]
         if accelerator.is_main_process:

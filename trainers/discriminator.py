@@ -77,8 +77,11 @@ class Discriminator:
         values = json.loads(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config)
         if "model_type" not in values:
             raise ValueError(f"the discriminator config {config} needs a model_type (e.g. \"bert\").")
+        class_token_id = None if _adds_special_tokens(tokenizer) else _class_token(tokenizer)
+        # A padding id that is also the pooled token (GPT-2's pad = bos = eos) would pin that embedding at zero.
+        pad_token_id = None if tokenizer.pad_token_id == class_token_id else tokenizer.pad_token_id
         model_config = AutoConfig.for_model(**{
-            **values, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "num_labels": 1})
+            **values, "vocab_size": len(tokenizer), "pad_token_id": pad_token_id, "num_labels": 1})
         limit = settings.get("max_length", 40) + 2
         if getattr(model_config, "max_position_embeddings", limit) < limit:
             raise ValueError(f"the discriminator config {config} has max_position_embeddings="

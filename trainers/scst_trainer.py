@@ -10,8 +10,9 @@ Every step, on a batch of unpaired images:
 4. the advantage of a sample is its reward minus the baseline: the greedy caption's reward (SCST, Rennie et al.) or
    the mean reward of the image's other samples (Luo);
 5. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities, and
-   loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over all the batch's caption tokens, EOS
-   included: the loss keeps the scale of a cross-entropy whatever the caption length), plus an optional MMD term
+   loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over the micro-batch's caption tokens,
+   EOS included: the loss keeps the scale of a cross-entropy whatever the caption length; gradient accumulation and
+   the processes then average these means), plus an optional MMD term
    between the mapped image prefixes and the mapped prefixes of real corpus sentences;
 6. the discriminator learns, by binary cross-entropy, the step's sampled captions (fake) from as many corpus
    sentences (real), and takes its optimizer step together with the captioner's.
@@ -29,6 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import set_seed
 from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -160,7 +162,7 @@ class SCSTConfig(TrainingArguments):
             raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
         if self.max_new_tokens < 1 or self.eval_max_new_tokens < 1 or self.eval_num_beams < 1:
             raise ValueError("max_new_tokens, eval_max_new_tokens and eval_num_beams must be >= 1.")
-        if self.fp16:
+        if self.fp16 or self.mixed_precision == "fp16":
             raise ValueError("the scst stage trains two networks, which fp16's single loss scaler does not cover: use "
                              "bf16 or full precision.")
         SemanticWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)  # raises on bad weights
@@ -285,6 +287,9 @@ class SynchronisedStep(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # Every process was seeded alike; without its own stream each would sample the same captions. A resumed run
+        # then loads each process's saved generator states over these.
+        set_seed(args.seed, device_specific=True)
         self.trainer.ensure_discriminator_scheduler()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -506,7 +511,6 @@ class SCSTTrainer(CaptionTrainer):
         else:
             self.discriminator.step()
         self._step_metrics["discriminator_grad_norm"].append(discriminator_norm.item())
-        self._step_metrics["skipped_steps"].append(self.skipped_steps)
         self.publish_step_metrics()
         self._step_problems.clear()
         self._micro_step = 0
@@ -521,8 +525,10 @@ class SCSTTrainer(CaptionTrainer):
         self._step_metrics.clear()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._reward_samples and self.args.should_save:
-            self.write_reward_samples()
+        if "loss" in logs:
+            logs["skipped_steps"] = self.skipped_steps  # a running count, not averaged over the logging window
+            if self._reward_samples and self.args.should_save:
+                self.write_reward_samples()
         super().log(logs, start_time)
 
     def write_reward_samples(self):
@@ -555,7 +561,8 @@ class SCSTTrainer(CaptionTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self.ensure_discriminator_scheduler()
-            extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
+            with zero3_init_disabled(self.args):
+                extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
             self.skipped_steps = extra.get("skipped_steps", 0)
 
 
@@ -595,8 +602,11 @@ def build_discriminator(args: SCSTConfig, caption_tokenizer) -> Discriminator:
 
 @contextlib.contextmanager
 def zero3_init_disabled(args: TrainingArguments):
-    """While transformers knows a ZeRO-3 config, `from_pretrained` / `from_config` build partitioned models."""
-    deepspeed_config = getattr(args, "hf_deepspeed_config", None)
+    """While transformers knows a ZeRO-3 config, `from_pretrained` / `from_config` build partitioned models. The config
+    is registered by `--deepspeed` (`hf_deepspeed_config`) or by an accelerate DeepSpeed plugin (`dschf`), even with
+    accelerate's zero3_init_flag off."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    deepspeed_config = getattr(args, "hf_deepspeed_config", None) or getattr(plugin, "dschf", None)
     if deepspeed_config is None:
         yield
         return
