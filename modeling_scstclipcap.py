@@ -352,8 +352,11 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
                     "This model was not loaded from a folder, so it has no tokenizer of its own: "
                     "pass tokenizer=... to generate_captions."
                 )
-            # The tokenizer is a standard one: never ask whether to run the folder's model code for it.
-            self._caption_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=False)
+            # The tokenizer is a standard one: given the model's config, it neither reads the folder's model code
+            # nor asks whether to run it.
+            self._caption_tokenizer = AutoTokenizer.from_pretrained(
+                self.name_or_path, config=self.config, trust_remote_code=False
+            )
         return self._caption_tokenizer
 
     @property

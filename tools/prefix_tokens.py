@@ -48,7 +48,7 @@ def load_captioner(model_dir: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{model_dir}: not a saved model folder (no config.json)")
     model = SCSTClipCapForCaptioning.from_pretrained(str(model_dir)).to(device).eval()
     # The tokenizer is a plain saved one; the folder's own code concerns the model only.
-    return model, AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    return model, AutoTokenizer.from_pretrained(str(model_dir), config=model.config, trust_remote_code=False)
 
 
 def model_clip_metadata(config) -> dict:
