@@ -417,8 +417,10 @@ def main(argv: list[str] | None = None):
     for current in stages:
         script, config = parse_stage(current, recipe, argv)
         state = state or start_processes(config)
-        set_seed(config.seed)
         prepare_world(script, state)
+        # After the world: building it in this process must not change the stage's random start (the new model's
+        # weights are drawn before the Trainer seeds itself).
+        set_seed(config.seed)
         if current == "eval":
             if not results and script.model_name_or_path is None:
                 raise SystemExit("the eval stage evaluates --model_name_or_path (a model folder or Hub id), or the "
