@@ -1,7 +1,7 @@
 """Quality on the shapes world beside the default run: what each part of the method is worth.
 
     python train.py                                   # first: the default run in runs/shapes
-    python benchmarks/shapes_quality.py               # then the variants below, about 45 minutes on 2 CPU cores
+    python benchmarks/shapes_quality.py               # then the variants below, about 30 minutes on 2 CPU cores
     python benchmarks/shapes_quality.py --only semantic_only
 
 Variants, each trained with the shapes recipe and evaluated on the test split:
