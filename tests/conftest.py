@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +71,17 @@ def tiny_tokenizer():
         tokenizer_object=backend, pad_token="<pad>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         unk_token="<unk>",
     )
+
+
+def run_script_outside_the_project(script: str, args: list[str], tmp_path: Path) -> dict:
+    """Run `script` in a fresh Python process, in an empty folder, without the project on its path and offline, as a
+    downstream user would; returns the JSON object its last output line prints."""
+    (tmp_path / "script.py").write_text(script)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir(exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(tmp_path / "script.py"), *map(str, args)], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -3,10 +3,7 @@ huggingface_hub's own client (`set_client_factory`), so create_repo / upload_fol
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 
 import httpx2
 import pytest
@@ -16,6 +13,7 @@ from huggingface_hub import ModelCard, set_client_factory
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils._http import default_client_factory
 
+from conftest import run_script_outside_the_project
 from dataprep.clip import clip_metadata, encode_images, load_clip
 from dataprep.common import table_description
 from dataprep.tables import images_features, save_table
@@ -137,17 +135,7 @@ def test_dry_run_stages_a_folder_that_captions_in_a_fresh_process(
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel"}
     assert config["custom_pipelines"]["scstclipcap-captioning"]["impl"] == "pipeline_scstclipcap.SCSTClipCapPipeline"
 
-    (tmp_path / "caption.py").write_text(PIPELINE_SCRIPT)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "caption.py"), str(staged), json.dumps(image_paths)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script_outside_the_project(PIPELINE_SCRIPT, [staged, json.dumps(image_paths)], tmp_path)
     assert report["batched"] == as_outputs(expected_captions(trained_run, clip_name, image_paths, max_new_tokens=7))
     assert report["clip"] == f"local-dir:{staged / 'clip'}"
 

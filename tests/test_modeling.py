@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -9,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel
 
+from conftest import run_script_outside_the_project
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 
 MAPPING_TYPES = ["mlp", "transformer"]
@@ -234,18 +233,7 @@ def test_saved_folder_loads_as_remote_code_in_a_fresh_process(make_config, tmp_p
     )
     prefix_features, input_ids, attention_mask = caption_batch()
     torch.save(dict(prefix_features=prefix_features, input_ids=input_ids, attention_mask=attention_mask), folder / "inputs.pt")
-    (tmp_path / "load.py").write_text(REMOTE_LOAD_SCRIPT)
-
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), str(folder)], cwd=workdir, env=env,
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script_outside_the_project(REMOTE_LOAD_SCRIPT, [folder], tmp_path)
     assert report["model_class"] == "SCSTClipCapForCaptioning"
     assert report["module"].startswith("transformers_modules"), "the class must come from the folder's own code"
 

@@ -4,8 +4,6 @@ folders, loaded through the real code paths (open_clip `local-dir:`, `pipeline(.
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import make_tiny_clip, tiny_decoder_config
+from conftest import make_tiny_clip, run_script_outside_the_project, tiny_decoder_config
 
 from dataprep.clip import encode_images, load_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
@@ -127,17 +125,7 @@ def test_pipeline_in_a_fresh_process_captions_as_generate_on_table_features(
     folder = tmp_path / "model"
     save_captioner(folder, make_config, tiny_tokenizer, relative_clip, image_paths)
     assert make_pipeline_ready(folder) == folder / "clip"
-    (tmp_path / "caption.py").write_text(PIPELINE_SCRIPT)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "caption.py"), str(folder), json.dumps(image_paths)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script_outside_the_project(PIPELINE_SCRIPT, [folder, json.dumps(image_paths)], tmp_path)
 
     expected = expected_captions(folder, relative_clip, image_paths, max_new_tokens=7)
     assert len(set(expected)) > 1, "the images should lead to different captions"
