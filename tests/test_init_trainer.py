@@ -233,6 +233,25 @@ def test_two_process_run_is_synchronised(tiny_tokenizer, tmp_path):
     assert len(info["weights_sha256"]) == 64  # train.py fails the run when the ranks' weights differ
 
 
+def test_building_the_world_in_the_run_does_not_change_where_training_starts(tiny_tokenizer, tmp_path, monkeypatch):
+    paths = save_tables(tmp_path / "tables", tiny_tokenizer)
+
+    def run(output_dir: str) -> str:
+        args = [
+            "--stage", "init", "--corpus_table", paths["corpus"], "--train_table", paths["train"],
+            "--tokenizer_name_or_path", str(tmp_path / "tables" / "tokenizer"),
+            "--decoder_config", str(tmp_path / "tables" / "decoder.json"), "--prefix_length", "4",
+            "--output_dir", str(tmp_path / output_dir), "--max_steps", "2", "--per_device_train_batch_size", "4",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        ]
+        return train.main(args)["init"]["weights_sha256"]
+
+    found_built = run("found")
+    # Building the shapes world trains a CLIP: it draws from the same random generators before the stage starts.
+    monkeypatch.setattr(train, "prepare_world", lambda script, state: torch.rand(1000))
+    assert run("built") == found_built
+
+
 def test_multi_process_environment_without_a_matching_accelerator_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
 
