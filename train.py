@@ -14,6 +14,7 @@ A recipe YAML holds common settings at the top level and per-stage settings unde
 `--per_device_train_batch_size`, `--report_to`, ...), and each stage's own (`InitConfig`, `SCSTConfig`).
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,10 +36,10 @@ from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
 
 from configuration_scstclipcap import SCSTClipCapConfig
-from dataprep.clip import check_clip_metadata, describe_clip, read_clip_metadata
+from dataprep.clip import LoadedClip, check_clip_metadata, describe_clip, read_clip_metadata
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
-from trainers import CaptionEvaluator, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
+from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
 
 # In-process the project's own classes serve the Auto API, so saved folders load without remote code.
 AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)
@@ -253,14 +254,19 @@ def make_evaluator(script: ScriptArguments, config: InitConfig, tokenizer, split
     )
 
 
+@functools.cache
+def frozen_clip(model_name: str, pretrained: str | None, device: str) -> LoadedClip:
+    """The frozen CLIP of a run, loaded once for every use of it (CLIP-S in each evaluation, the scst rewards)."""
+    return LoadedClip.load(model_name, pretrained, device)
+
+
 def clip_s_metric(table, config: InitConfig):
     """CLIP-S (reference-free, Hessel et al.) of predictions against the images of `table`, with the table's CLIP."""
-    from dataprep.clip import LoadedClip
     from metrics import clip_score
 
     meta = read_clip_metadata(table)
     try:
-        clip = LoadedClip.load(meta["model_name"], meta.get("pretrained"), config.device)
+        clip = frozen_clip(meta["model_name"], meta.get("pretrained"), str(config.device))
     except (FileNotFoundError, OSError) as error:
         logger.warning("CLIP-S is skipped: the table's CLIP %s cannot be loaded (%s).", describe_clip(meta), error)
         return lambda predictions: {}
@@ -348,21 +354,20 @@ def run_scst_stage(script: ScriptArguments, config: SCSTConfig, state: PartialSt
     model = SCSTClipCapForCaptioning.from_pretrained(source)
     check_tables_share_a_clip({"train": script.train_table, "corpus": script.corpus_table,
                                "val": script.val_table}, model.config)
+    clip = frozen_clip(model.config.clip_model_name, model.config.clip_pretrained, str(config.device))
     trainer = SCSTTrainer(
         model=model, args=config, images=load_table(script.train_table, "train"),
         corpus=load_table(script.corpus_table, "corpus"), processing_class=tokenizer,
+        rewards=ClipRewards(clip, config.semantic_weights),
         evaluator=make_evaluator(script, config, tokenizer, "val", output_dir),
     )
-    info = train_and_save(trainer, script, state, output_dir)
-    info["discriminator_sha256"] = verify_ranks_agree(trainer.discriminator.model, state)
-    info["skipped_steps"] = trainer.skipped_steps
-    if state.is_main_process:
-        (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
-    return info
+    return train_and_save(trainer, script, state, output_dir, networks={"discriminator": trainer.discriminator.model})
 
 
-def train_and_save(trainer, script: ScriptArguments, state: PartialState, output_dir: Path) -> dict:
-    """Train (or resume), save the final model, its training log and `run_info.json`; checks the ranks agree."""
+def train_and_save(trainer, script: ScriptArguments, state: PartialState, output_dir: Path,
+                   networks: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Train (or resume), save the final model, its training log and `run_info.json`; checks that the ranks agree
+    on the captioner's weights and on those of any other trained `networks` ({name: module})."""
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     minutes = (time.perf_counter() - started) / 60
@@ -372,6 +377,9 @@ def train_and_save(trainer, script: ScriptArguments, state: PartialState, output
             "num_processes": state.num_processes, "weights_sha256": fingerprint,
             "train_minutes": round(minutes, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
             "global_step": trainer.state.global_step}
+    info.update({f"{name}_sha256": verify_ranks_agree(module, state) for name, module in (networks or {}).items()})
+    if hasattr(trainer, "skipped_steps"):
+        info["skipped_steps"] = trainer.skipped_steps
     if state.is_main_process:
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))

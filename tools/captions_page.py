@@ -85,12 +85,14 @@ def load_image(images_dir: str, sample: SampledImage, images_table: str) -> Imag
         raise ValueError(f"image file {path} ({where}) cannot be read: {error}") from None
 
 
-def _png_base64(image: Image.Image) -> str:
-    image = image.copy()
-    image.thumbnail((EMBEDDED_MAX_SIDE, EMBEDDED_MAX_SIDE))
+def png_data_uri(image: Image.Image, max_side: int | None = EMBEDDED_MAX_SIDE) -> str:
+    """The image as a `data:` URI (PNG, shrunk to `max_side` pixels when larger), so a page needs nothing beside it."""
+    if max_side is not None:
+        image = image.copy()
+        image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def describe_scene(scene: dict) -> str:
@@ -131,7 +133,7 @@ def _card(sample: SampledImage, image: Image.Image, predictions: dict[str, dict[
           scenes: dict | None) -> str:
     scene = scenes.get(sample.image_id) if scenes else None
     scene_line = f'<p class="scene">scene: {html.escape(describe_scene(scene))}</p>' if scene else ""
-    return (f'<figure><img src="data:image/png;base64,{_png_base64(image)}" alt="{html.escape(sample.image_id)}">'
+    return (f'<figure><img src="{png_data_uri(image)}" alt="{html.escape(sample.image_id)}">'
             f'<figcaption><p class="id">{html.escape(sample.image_id)}</p>{scene_line}'
             f"<table>{_caption_rows(sample, predictions, references, scene)}</table></figcaption></figure>")
 

@@ -18,9 +18,7 @@ captioned too (from its own CLIP embedding). Writes `fictitious_table/` (a table
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import sys
 import textwrap
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataprep.clip import LoadedClip, encode_images, read_clip_metadata  # noqa: E402
 from dataprep.common import table_description  # noqa: E402
 from dataprep.tables import feature_column, feature_matrix, iter_feature_chunks, load_table, save_table  # noqa: E402
+from tools.captions_page import png_data_uri  # noqa: E402
 from tools.prefix_tokens import greedy_captions, load_captioner, model_clip_metadata  # noqa: E402
 
 KINDS = ("noisy_text", "interpolation", "gap_shifted")
@@ -336,17 +335,11 @@ def write_figure(rows: list[dict], path: str | Path, max_columns: int = 6) -> Pa
     return path
 
 
-def _png_data_uri(picture: Image.Image) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def write_page(rows: list[dict], path: str | Path, summary: dict) -> Path:
     """A self-contained HTML table: synthesised image, kind, parameter, source, captions and cosines."""
     facts = "".join(f"<li>{html.escape(str(key))}: {html.escape(str(value))}</li>" for key, value in summary.items())
     cells = "".join(
-        f'<tr><td><img src="{_png_data_uri(row["image"])}" alt="{html.escape(_label(row))}"></td>'
+        f'<tr><td><img src="{png_data_uri(row["image"], max_side=None)}" alt="{html.escape(_label(row))}"></td>'
         f"<td>{html.escape(row['kind'])}</td><td>{PARAMETER_NAMES[row['kind']]} {row['parameter']:g}</td>"
         f"<td>{html.escape(row['source'])}</td><td><b>{html.escape(row['caption'])}</b></td>"
         f"<td>{html.escape(row['image_caption'])}</td>"

@@ -13,6 +13,8 @@ HEADLINE_METRICS = (
     "cider", "bleu_4", "meteor", "rouge_l", "spice", "clip_s", "attribute_precision", "attribute_recall",
     "caption_length", "distinct_caption_share", "distinct_scene_caption_share", "repeated_word_share",
 )
+FIGURE_FILES = {"Training curves": "training_curves.png", "Histograms": "histograms.png",
+                "Sample captions (page)": "captions.html", "Sample captions": "captions.png"}
 TRAJECTORY_METRICS = ("cider", "attribute_precision", "attribute_recall", "caption_length", "repeated_word_share")
 
 
@@ -40,20 +42,26 @@ def validation_trajectory(stage_dir: Path) -> dict[int, dict[str, float]]:
 def write_figures(run_dir: Path, test_table: str | None, images_dir: str | None = None,
                   scenes: str | None = None) -> dict[str, str]:
     """Training curves and histograms, and (given the test images) sample captions beside their images; returns
-    {title: file name in run_dir}."""
+    {title: file name in run_dir} of those written."""
     from tools.captions_page import read_stage_predictions, write_captions_grid, write_captions_page
     from tools.curves import plot_histograms, plot_training_curves
 
-    figures = {"Training curves": plot_training_curves(run_dir, run_dir / "training_curves.png").name,
-               "Histograms": plot_histograms(run_dir, run_dir / "histograms.png", test_table).name}
+    written = ["Training curves", "Histograms"]
+    plot_training_curves(run_dir, run_dir / FIGURE_FILES["Training curves"])
+    plot_histograms(run_dir, run_dir / FIGURE_FILES["Histograms"], test_table)
     if test_table and images_dir:
         predictions = read_stage_predictions(run_dir)
         scene_table = json.loads(Path(scenes).read_text()) if scenes else None
-        figures["Sample captions (page)"] = write_captions_page(
-            predictions, test_table, images_dir, run_dir / "captions.html", scenes=scene_table).name
-        figures["Sample captions"] = write_captions_grid(
-            predictions, test_table, images_dir, run_dir / "captions.png").name
-    return figures
+        write_captions_page(predictions, test_table, images_dir, run_dir / FIGURE_FILES["Sample captions (page)"],
+                            scenes=scene_table)
+        write_captions_grid(predictions, test_table, images_dir, run_dir / FIGURE_FILES["Sample captions"])
+        written += ["Sample captions (page)", "Sample captions"]
+    return {title: FIGURE_FILES[title] for title in written}
+
+
+def existing_figures(run_dir: Path) -> dict[str, str]:
+    """{title: file name} of the report's figures present in `run_dir`."""
+    return {title: name for title, name in FIGURE_FILES.items() if (run_dir / name).is_file()}
 
 
 def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = None) -> Path:
@@ -93,12 +101,8 @@ def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = 
     return markdown
 
 
-FIGURE_FILES = {"Training curves": "training_curves.png", "Histograms": "histograms.png",
-                "Sample captions (page)": "captions.html", "Sample captions": "captions.png"}
-
 if __name__ == "__main__":
     run = Path(sys.argv[1])
     saved = json.loads((run / "report.json").read_text())
     saved.pop("validation_trajectories", None)
-    existing = {title: name for title, name in FIGURE_FILES.items() if (run / name).is_file()}
-    print(write_report(run, saved, existing).read_text())
+    print(write_report(run, saved, existing_figures(run)).read_text())
