@@ -117,8 +117,39 @@ def recipe_defaults(recipe: dict, stage: str) -> dict:
     return {**common, **(recipe.get(stage) or {})}
 
 
-def parse_stage(stage: str, recipe: dict, argv: list[str]) -> tuple[ScriptArguments, InitConfig | SCSTConfig]:
-    """The settings of one stage: its dataclasses' defaults < recipe < command line."""
+# Settings a stage parses but does not read. The scst and eval stages continue an existing model, so the settings that
+# shape a new one are not theirs; the supervised bound trains on true pairs, without the text-only terms. A recipe's
+# common section legitimately carries them for the stages that read them (the shapes recipe's model shape is init's
+# and supervised's), so there they are only noted; on the command line, for that one stage, they are refused.
+MODEL_SHAPE_SETTINGS = ("decoder_name_or_path", "decoder_config", "tokenizer_name_or_path", "mapping_type",
+                        "prefix_length", "clip_length", "num_mapping_layers", "normalize_prefix", "freeze_decoder")
+IGNORED_SETTINGS = {
+    "scst": MODEL_SHAPE_SETTINGS,
+    "eval": MODEL_SHAPE_SETTINGS,
+    "supervised": ("noise_std", "sigma", "pseudo_pair_weight", "lambda1", "mmd_weight", "lambda2", "corpus_table",
+                   "pseudo_pairs_table"),
+}
+
+
+def refuse_ignored_settings(stage: str, recipe_settings: dict, argv: list[str]):
+    """Stop when the command line gives the stage a setting it would ignore; note those the recipe gives it."""
+    ignored = IGNORED_SETTINGS.get(stage, ())
+    given = sorted({arg[2:].split("=")[0] for arg in argv if arg.startswith("--")} & set(ignored))
+    if given:
+        raise SystemExit(f"the {stage} stage does not read --{', --'.join(given)}: "
+                         + ("it continues the model it starts from (its config decides the shape)"
+                            if stage in ("scst", "eval") else "it trains on the true pairs of the train table, "
+                            "without noise or the text-only terms") + "; drop the flag or run the stage that reads it")
+    from_recipe = sorted(set(recipe_settings) & set(ignored))
+    if from_recipe:
+        logger.info("stage %s: the recipe's %s are for the other stages and not read here.", stage,
+                    ", ".join(from_recipe))
+
+
+def parse_stage(stage: str, recipe: dict, argv: list[str],
+                explicit_stage: bool = False) -> tuple[ScriptArguments, InitConfig | SCSTConfig]:
+    """The settings of one stage: its dataclasses' defaults < recipe < command line. With `explicit_stage` (the
+    command line names this stage, not `all`), a flag the stage would ignore is refused."""
     if not torch.cuda.is_available():
         # Without a GPU only the CPU backend synchronises several processes.
         recipe = {**recipe, "use_cpu": True}
@@ -129,6 +160,7 @@ def parse_stage(stage: str, recipe: dict, argv: list[str]) -> tuple[ScriptArgume
     if unknown:
         raise SystemExit(f"unknown settings in the recipe (stage {stage}): {', '.join(unknown)}")
     parser.set_defaults(**defaults)
+    refuse_ignored_settings(stage, defaults, argv if explicit_stage else [])
     script, config = parser.parse_args_into_dataclasses(args=argv)
     script.stage = stage
     return script, config
@@ -173,6 +205,9 @@ def load_table(path: str | None, what: str):
 
 def check_tables_share_a_clip(tables: dict[str, str], model_config: SCSTClipCapConfig | None = None) -> dict:
     """All tables must come from one CLIP, and from the model's CLIP when the model already exists."""
+    for name, path in tables.items():
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"the {name} table {path} does not exist: make it with prepare_datasets.py")
     metas = {name: read_clip_metadata(path) for name, path in tables.items() if path is not None}
     first_name, first = next(iter(metas.items()))
     for name, meta in metas.items():
@@ -250,8 +285,22 @@ def make_evaluator(script: ScriptArguments, config: InitConfig, tokenizer, split
     return CaptionEvaluator(
         table, tokenizer, output_dir / f"{split}_predictions",
         generation_kwargs=dict(max_new_tokens=config.eval_max_new_tokens, num_beams=config.eval_num_beams),
-        batch_size=config.per_device_eval_batch_size * 8, extra_metrics=extra_metrics,
+        batch_size=config.per_device_eval_batch_size * 8, extra_metrics=extra_metrics, spice=spice_ready(config),
     )
+
+
+def spice_ready(config: InitConfig) -> bool:
+    """With `--spice`, SPICE's Stanford models are fetched once where they are missing, as pycocoevalcap does."""
+    if not config.spice:
+        return False
+    from metrics import spice_unavailable_reason
+
+    if spice_unavailable_reason() is not None:
+        from pycocoevalcap.spice.get_stanford_models import get_stanford_models
+
+        logger.info("--spice: fetching SPICE's Stanford CoreNLP models (once).")
+        get_stanford_models()
+    return True
 
 
 @functools.cache
@@ -281,8 +330,12 @@ def clip_s_metric(table, config: InitConfig):
 
 
 def flat_grounding(scores: dict) -> dict[str, float]:
-    """Grounding scores as flat metric names: attribute_precision, attribute_recall, colour_precision, ..."""
+    """Grounding scores as flat metric names: attribute_precision, attribute_recall, their harmonic mean
+    attribute_f1 (the shapes recipe's selection metric), colour_precision, ..."""
     flat = {f"attribute_{name}": float(scores[name]) for name in ("precision", "recall") if scores[name] is not None}
+    if len(flat) == 2:
+        precision, recall = flat["attribute_precision"], flat["attribute_recall"]
+        flat["attribute_f1"] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     flat["distinct_scene_caption_share"] = scores["distinct_scene_caption_share"]
     for kind, values in scores["per_type"].items():
         flat.update({f"{kind}_{name}": float(value) for name, value in values.items() if value is not None})
@@ -323,6 +376,7 @@ def run_training_stage(script: ScriptArguments, config: InitConfig, state: Parti
         )
         if len(corpus) == 0:
             raise SystemExit(f"the supervised stage needs references in the train table {script.train_table}")
+        # The recipe's init settings may sit in its common section: the bound trains without them.
         config.noise_std, config.pseudo_pair_weight, config.mmd_weight = 0.0, 0.0, 0.0
         tables = {"train": script.train_table, "val": script.val_table}
     else:
@@ -398,19 +452,29 @@ def make_final_pipeline_ready(final_dir: Path):
 
 
 def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialState, model_dir: str) -> dict:
-    """Captions and metrics of the model in `model_dir` on the test split."""
-    model = SCSTClipCapForCaptioning.from_pretrained(model_dir).to(config.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    """Captions and metrics of the model in `model_dir` on the test split; prints the metrics table and writes
+    `test_metrics.json` (and the predictions) beside the model."""
+    if script.test_table is None:
+        raise SystemExit("the eval stage needs --test_table (an images table with references, from "
+                         "`prepare_datasets.py coco` or `flickr30k`)")
+    try:
+        model = SCSTClipCapForCaptioning.from_pretrained(model_dir).to(config.device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise SystemExit(f"cannot load the model {model_dir}: {reason} (pass a model folder written by train.py or "
+                         "convert_checkpoint.py, or a Hub id)")
     check_tables_share_a_clip({"test": script.test_table}, model.config)
     output_dir = Path(model_dir)
     evaluator = make_evaluator(script, config, tokenizer, "test", output_dir)
-    if evaluator is None:
-        raise SystemExit("the eval stage needs --test_table")
     from accelerate import Accelerator
 
     metrics = evaluator(model, Accelerator(cpu=not torch.cuda.is_available()), step=0)
     if state.is_main_process:
+        from tools.report import metrics_table
+
         (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"test split of {script.test_table}, model {model_dir}:\n{metrics_table({model_dir: metrics}, label='model')}")
     return metrics
 
 
@@ -423,7 +487,7 @@ def main(argv: list[str] | None = None):
     state = None
     results = {}
     for current in stages:
-        script, config = parse_stage(current, recipe, argv)
+        script, config = parse_stage(current, recipe, argv, explicit_stage=stage != "all")
         state = state or start_processes(config)
         prepare_world(script, state)
         # After the world: building it in this process must not change the stage's random start (the new model's
@@ -449,5 +513,17 @@ def main(argv: list[str] | None = None):
     return results
 
 
+def run_from_command_line():
+    """`main()`, with a user's mistake (a missing table, a wrong path or setting) as one line on stderr and exit
+    code 2 instead of a traceback."""
+    try:
+        main()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(f"error: {stop.code}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    run_from_command_line()

@@ -96,8 +96,7 @@ def optimizer_step(trainer):
 
 
 def scst_step(trainer, batch):
-    trainer.training_step(trainer.model, batch)
-    trainer.finish_step()
+    trainer.training_step(trainer.model, batch)  # outside `train()` every micro-batch ends a step
     optimizer_step(trainer)
 
 
@@ -123,10 +122,10 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         scst = make_scst_trainer(model, tokenizer, Path(folder), args)
         scst_batch = scst._prepare_inputs(next(iter(scst.get_train_dataloader())))
-        samples = scst.roll_out(scst_batch["prefix_features"])
-        sequences = len(samples.sample_texts)
+        sample_texts = scst.roll_out(scst_batch["prefix_features"])[1]
+        sequences = len(sample_texts)
         corpus = Dataset.from_dict({
-            "text": samples.sample_texts,
+            "text": sample_texts,
             "clip_features": scst_batch["prefix_features"].repeat_interleave(args.num_samples, 0).tolist()})
         cross_entropy = InitTrainer(
             model=model, args=InitConfig(output_dir=str(Path(folder) / "ce"), per_device_train_batch_size=sequences,

@@ -1,22 +1,31 @@
-"""Quality on the shapes world beside the default run: what each part of the method is worth.
+"""What each part of the method is worth on the shapes world, over seeds, with a control that does nothing.
 
-    python train.py                                   # first: the default run in runs/shapes
-    python benchmarks/shapes_quality.py               # then the variants below, about 30 minutes on 2 CPU cores
-    python benchmarks/shapes_quality.py --only semantic_only
+    python benchmarks/shapes_quality.py --seeds 3                       # every row below, 3 seeds
+    python benchmarks/shapes_quality.py --seeds 3 --rows scst noop      # some rows (init and its sweep always run)
+    python benchmarks/shapes_quality.py --seeds 1 --max_steps 100       # extra flags go to every training stage
 
-Variants, each trained with the shapes recipe and evaluated on the test split:
-- `init_noise_<s>`: text-only init with noise_std s (the recipe's value is one of them: the best init is the best of
-  these);
-- `semantic_only`: the recipe's scst stage from the same init with the naturalness reward off (reward_weight 1): what
-  the discriminator prevents; `scst_lr5e-5` and `semantic_only_lr5e-5`: the same pair at a five times higher
-  learning rate;
-- `cross_domain`: init and scst with the cross-domain corpus (other phrasings and synonyms) instead of the in-domain
-  one.
-Writes `quality.md` and `quality.json` into the run folder, beside the default run's own test rows.
+Each seed redraws the captioner's initial weights, the discriminator's and the sampling; the world (data/shapes,
+built by `python train.py` or `prepare_datasets.py shapes`) stays fixed. Every choice is made on the validation split:
+the init's noise level (the best of a sweep by the recipe's selection metric on validation), every stage's checkpoint
+(its own best on validation, the starting model included for scst). The test split is read once per reported row.
+
+Rows, each from the recipe `configs/shapes.yaml` with one change, scst variants all from the seed's best init:
+- `init`: text-only init at the noise level chosen on validation (the sweep's other levels are not reported);
+- `scst`: the recipe's scst stage;
+- `noop`: the same stage at learning rate 0, the control: a stage that does nothing must show no gain;
+- `semantic_only` / `discriminator_only`: reward_weight 1 / 0;
+- `greedy_baseline`: the self-critical greedy baseline instead of the mean of the other samples;
+- `clip_agg`: the semantic reward on CLIP-agg (the image's aggregated corpus embedding) instead of CLIP-cos;
+- `supervised`: the same model trained on every reference of every training image, the upper bound;
+- `cross_domain_init`, `cross_domain_scst`: init and scst with the cross-domain corpus (other phrasings, synonyms).
+
+Writes `quality.json` (every seed's test metrics and the choices made) and `quality.md` (mean +- sd over seeds per
+row) into `--output_dir`, after every row, so an interrupted run keeps what it measured.
 """
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,68 +33,134 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
 import train  # noqa: E402
-from tools.report import metrics_table  # noqa: E402
 
 RECIPE = str(PROJECT_ROOT / "configs" / "shapes.yaml")
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 TABLES = "data/shapes/tables"
+SCST_VARIANTS = {
+    "scst": (),
+    "noop": ("--learning_rate", "0"),
+    "semantic_only": ("--reward_weight", "1.0"),
+    "discriminator_only": ("--reward_weight", "0.0"),
+    "greedy_baseline": ("--baseline", "greedy"),
+    "clip_agg": ("--clip_cos_weight", "0", "--agg_cos_weight", "1"),
+}
+CROSS_DOMAIN = {
+    "init": ("--corpus_table", f"{TABLES}/corpus/cross_domain_init",
+             "--pseudo_pairs_table", f"{TABLES}/shapes/train_pseudo_pairs_cross_domain"),
+    "scst": ("--corpus_table", f"{TABLES}/corpus/cross_domain_real",
+             "--train_table", f"{TABLES}/shapes/train_agg_cross_domain"),
+}
+ROWS = ("init", *SCST_VARIANTS, "supervised", "cross_domain_init", "cross_domain_scst")
+COLUMNS = ("cider", "bleu_4", "attribute_precision", "attribute_recall", "attribute_f1", "clip_s", "caption_length",
+           "distinct_scene_caption_share")
+FAMILIES = ("colour", "shape", "size", "texture", "position", "relation", "background")
 
 
-def run_stage(stage: str, output_dir: Path, *flags: str) -> dict:
-    """One stage of the recipe into `output_dir/<stage>`, then its test metrics."""
-    train.main(["--config", RECIPE, "--stage", stage, "--output_dir", str(output_dir), *flags])
-    final = output_dir / stage / "final"
-    return train.main(["--config", RECIPE, "--stage", "eval", "--model_name_or_path", str(final),
-                       "--output_dir", str(output_dir)])["eval"][str(final)]
+def train_stage(stage: str, output_dir: Path, seed: int, *flags: str) -> Path:
+    """One stage of the recipe into `output_dir/<stage>`; returns its final model folder."""
+    train.main(["--config", RECIPE, "--stage", stage, "--output_dir", str(output_dir), "--seed", str(seed), *flags])
+    return output_dir / stage / "final"
 
 
-def noise_variants(base: Path) -> dict:
-    return {f"init_noise_{level}": run_stage("init", base / f"noise_{level}", "--noise_std", str(level))
-            for level in NOISE_LEVELS}
+def best_validation(output_dir: Path, stage: str) -> float:
+    """The stage's best value of the recipe's selection metric on validation (its trainer state)."""
+    state = json.loads((output_dir / stage / "trainer_state.json").read_text())
+    if state.get("best_metric") is None:
+        raise SystemExit(f"{output_dir / stage} recorded no validation metric: the recipe must evaluate on val")
+    return state["best_metric"]
 
 
-def semantic_only(base: Path, run_dir: Path) -> dict:
-    """The scst stage without the naturalness reward, at the recipe's learning rate and, with the recipe's own
-    setting beside it, at a five times higher one, where an unchecked CLIP reward is exploited sooner."""
-    init = ("--model_name_or_path", str(run_dir / "init" / "final"))
-    fast = ("--learning_rate", "5e-5")
-    return {
-        "semantic_only": run_stage("scst", base / "semantic_only", "--reward_weight", "1.0", *init),
-        "scst_lr5e-5": run_stage("scst", base / "scst_lr5e-5", *fast, *init),
-        "semantic_only_lr5e-5": run_stage("scst", base / "semantic_only_lr5e-5", "--reward_weight", "1.0", *fast,
-                                          *init),
-    }
+def test_metrics(final: Path, output_dir: Path) -> dict:
+    """The one read of the test split for a reported row."""
+    results = train.main(["--config", RECIPE, "--stage", "eval", "--model_name_or_path", str(final),
+                          "--output_dir", str(output_dir)])
+    return results["eval"][str(final)]
 
 
-def cross_domain(base: Path) -> dict:
-    output_dir = base / "cross_domain"
-    corpus = ("--pseudo_pairs_table", f"{TABLES}/shapes/train_pseudo_pairs_cross_domain")
-    init = run_stage("init", output_dir, "--corpus_table", f"{TABLES}/corpus/cross_domain_init", *corpus)
-    scst = run_stage("scst", output_dir, "--corpus_table", f"{TABLES}/corpus/cross_domain_real",
-                     "--train_table", f"{TABLES}/shapes/train_agg_cross_domain")
-    return {"cross_domain_init": init, "cross_domain_scst": scst}
+def best_init(seed_dir: Path, seed: int, extra: list[str]) -> tuple[Path, float, dict[float, float]]:
+    """The noise sweep of text-only init: the model and level with the best validation metric, and every level's."""
+    validation = {}
+    for level in NOISE_LEVELS:
+        output_dir = seed_dir / f"init_noise_{level}"
+        if not (output_dir / "init" / "final").is_dir():
+            train_stage("init", output_dir, seed, "--noise_std", str(level), *extra)
+        validation[level] = best_validation(output_dir, "init")
+    level = max(validation, key=validation.get)
+    return seed_dir / f"init_noise_{level}" / "init" / "final", level, validation
+
+
+def run_row(row: str, seed_dir: Path, seed: int, init_model: Path, noise: float, extra: list[str]) -> dict:
+    """Train what the row needs (from the seed's chosen init) and read its test metrics once."""
+    output_dir = seed_dir / row
+    if row == "init":
+        return test_metrics(init_model, output_dir)
+    if row in SCST_VARIANTS:
+        final = train_stage("scst", output_dir, seed, "--model_name_or_path", str(init_model), *SCST_VARIANTS[row],
+                            *extra)
+    elif row == "supervised":
+        final = train_stage("supervised", output_dir, seed, *extra)
+    elif row == "cross_domain_init":
+        final = train_stage("init", seed_dir / "cross_domain", seed, "--noise_std", str(noise),
+                            *CROSS_DOMAIN["init"], *extra)
+    else:
+        init = seed_dir / "cross_domain" / "init" / "final"
+        if not init.is_dir():
+            train_stage("init", seed_dir / "cross_domain", seed, "--noise_std", str(noise), *CROSS_DOMAIN["init"],
+                        *extra)
+        final = train_stage("scst", seed_dir / "cross_domain", seed, "--model_name_or_path", str(init),
+                            *CROSS_DOMAIN["scst"], *extra)
+    return test_metrics(final, output_dir)
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summary_table(per_seed: dict[str, dict[int, dict]], columns: tuple[str, ...]) -> str:
+    """Mean ± sd over the seeds, one row per variant."""
+    present = [c for c in columns if any(c in m for seeds in per_seed.values() for m in seeds.values())]
+    lines = ["| row | seeds | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+    for row, seeds in per_seed.items():
+        cells = [mean_sd([m[c] for m in seeds.values() if c in m]) if any(c in m for m in seeds.values()) else "–"
+                 for c in present]
+        lines.append(f"| {row} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(output_dir: Path, per_seed: dict, choices: dict):
+    (output_dir / "quality.json").write_text(json.dumps({"test": per_seed, "choices": choices}, indent=1))
+    families = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("precision", "recall"))
+    markdown = ["# Shapes world: test split, mean ± sd over seeds", "",
+                "Every setting and checkpoint was chosen on validation; test was read once per row and seed.", "",
+                summary_table(per_seed, COLUMNS), "", "## Attribute precision and recall per family", "",
+                summary_table(per_seed, families), "", "## Choices made on validation", "",
+                "```json", json.dumps(choices, indent=1), "```", ""]
+    (output_dir / "quality.md").write_text("\n".join(markdown))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("runs/shapes"), help="the finished default run")
-    parser.add_argument("--only", choices=("noise", "semantic_only", "cross_domain"), help="one group of variants")
-    args = parser.parse_args(argv)
-    report = args.run / "report.json"
-    if not report.is_file():
-        raise SystemExit(f"{report} is missing: run `python train.py` first (the variants start from its init model)")
-    rows = dict(json.loads(report.read_text())["eval"])
-    base = args.run / "variants"
-    groups = {"noise": lambda: noise_variants(base), "semantic_only": lambda: semantic_only(base, args.run),
-              "cross_domain": lambda: cross_domain(base)}
-    for name, variants in groups.items():
-        if args.only in (None, name):
-            rows.update(variants())
-            (args.run / "quality.json").write_text(json.dumps(rows, indent=1))  # kept after every group
-    table = metrics_table(rows, label="run")
-    (args.run / "quality.md").write_text(f"# Shapes world: test split per variant\n\n{table}\n")
-    print(table)
-    return rows
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to report")
+    parser.add_argument("--output_dir", type=Path, default=Path("runs/shapes_quality"))
+    args, extra = parser.parse_known_args(argv)
+    if not (Path(TABLES) / "manifest.json").is_file():
+        raise SystemExit(f"{TABLES} is missing: build the world first (`python prepare_datasets.py shapes`)")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    per_seed = {row: {} for row in args.rows}
+    choices = {}
+    for seed in range(args.seeds):
+        seed_dir = args.output_dir / f"seed_{seed}"
+        init_model, noise, validation = best_init(seed_dir, seed, extra)
+        choices[seed] = {"noise_std": noise, "init_validation_by_noise": validation}
+        for row in args.rows:
+            per_seed[row][seed] = run_row(row, seed_dir, seed, init_model, noise, extra)
+            write_results(args.output_dir, per_seed, choices)
+    print((args.output_dir / "quality.md").read_text())
+    return per_seed
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_two_process_run_is_synchronised(tiny_tokenizer, tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(PROJECT_ROOT / "train.py"), *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -282,3 +282,49 @@ def test_evaluation_scores_captions_and_picks_the_best_checkpoint(model, tiny_to
     predictions = json.loads((tmp_path / "predictions" / "predictions-step-20.json").read_text())
     assert sorted(row["image_id"] for row in predictions) == [f"val_{i}" for i in range(6)]
     assert all(isinstance(row["caption"], str) for row in predictions)
+
+
+def test_eval_stage_is_one_command_and_says_in_one_line_what_is_missing(tiny_tokenizer, tmp_path):
+    paths = save_tables(tmp_path / "tables", tiny_tokenizer)
+    train.main([
+        "--stage", "init", "--corpus_table", paths["corpus"], "--train_table", paths["train"],
+        "--tokenizer_name_or_path", str(tmp_path / "tables" / "tokenizer"),
+        "--decoder_config", str(tmp_path / "tables" / "decoder.json"), "--prefix_length", "4",
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+    ])
+    model = tmp_path / "run" / "init" / "final"
+
+    def evaluate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), "--stage", "eval", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    for args, message in [((("--model_name_or_path", str(model))), "needs --test_table"),
+                          (("--model_name_or_path", str(tmp_path / "nowhere"), "--test_table", paths["val"]),
+                           "cannot load the model"),
+                          (("--model_name_or_path", str(model), "--test_table", str(tmp_path / "no_table")),
+                           "does not exist")]:
+        result = evaluate(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    result = evaluate("--model_name_or_path", str(model), "--test_table", paths["val"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| model |" in result.stdout and "cider" in result.stdout
+    assert json.loads((model / "test_metrics.json").read_text())["cider"] >= 0
+
+
+def test_a_stage_refuses_a_setting_it_would_ignore(tmp_path):
+    output = ["--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="scst stage does not read --mapping_type"):
+        train.parse_stage("scst", {}, ["--stage", "scst", "--mapping_type", "transformer", *output],
+                          explicit_stage=True)
+    with pytest.raises(SystemExit, match="supervised stage does not read --noise_std"):
+        train.parse_stage("supervised", {}, ["--stage", "supervised", "--noise_std=0.1", *output], explicit_stage=True)
+    # `--stage all` hands every stage the same flags: the init stage reads this one, the supervised bound drops it
+    script, config = train.parse_stage("supervised", {}, ["--noise_std", "0.1", *output], explicit_stage=False)
+    assert config.noise_std == 0.1
+    assert train.parse_stage("init", {}, ["--stage", "init", "--noise_std", "0.1", *output],
+                             explicit_stage=True)[1].noise_std == 0.1

@@ -33,7 +33,8 @@ from trainers import CaptionEvaluator
 from trainers.discriminator import Discriminator
 from trainers.rewards import ClipRewards, SemanticWeights, semantic_scores
 from trainers.scst_trainer import (
-    CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, policy_gradient_loss, self_critical_advantages,
+    CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
+    self_critical_advantages,
     semantic_weight_at,
 )
 
@@ -290,25 +291,51 @@ def test_training_logs_every_metric_and_moves_both_networks(shapes_clip, tiny_to
         assert any(not torch.equal(before[network][k], after[network][k]) for k in before[network]), network
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
     assert [entry["reward_weight"] for entry in logged] == pytest.approx([0.0, 0.25, 0.5, 0.5])
-    expected = {"reward_clip_cos", "reward_agg_cos", "reward_agg_l1", "reward_semantic", "reward_naturalness", "reward_greedy", "advantage_std",
-                "discriminator_accuracy_real", "discriminator_accuracy_fake", "discriminator_loss", "caption_length",
-                "distinct_1", "distinct_2", "repeated_word_share", "same_caption_share", "mmd", "skipped_steps"}
+    expected = {"reward_clip_cos", "reward_agg_cos", "reward_agg_l1", "reward_semantic", "reward_naturalness",
+                "reward_greedy", "advantage_std", "advantage_scale_naturalness", "discriminator_accuracy_real",
+                "discriminator_accuracy_fake", "discriminator_loss", "caption_length", "distinct_1", "distinct_2",
+                "repeated_word_share", "same_caption_share", "mmd", "skipped_steps"}
     assert all(expected <= set(entry) for entry in logged)
+    assert all("advantage_scale_semantic" in entry for entry in logged[1:])  # w = 0 at the first step
     assert all(math.isfinite(entry["reward"]) and entry["skipped_steps"] == 0 for entry in logged)
-    assert logged[0]["reward"] == pytest.approx(logged[0]["reward_naturalness"])  # w = 0: naturalness alone
-    for entry in logged:
-        mixed = 0.5 * entry["reward_clip_cos"] + 0.3 * entry["reward_agg_cos"] + 0.2 * entry["reward_agg_l1"]
-        assert entry["reward_semantic"] == pytest.approx(mixed, rel=1e-5)
+    # w = 0: the naturalness reward alone, in units of its advantage's scale
+    assert logged[0]["reward"] == pytest.approx(logged[0]["reward_naturalness"] / logged[0]["advantage_scale_naturalness"])
+    for entry in logged[1:]:
+        semantic = 0.5 * entry["reward_clip_cos"] + 0.3 * entry["reward_agg_cos"] + 0.2 * entry["reward_agg_l1"]
+        assert entry["reward_semantic"] == pytest.approx(semantic, rel=1e-5)
         w = entry["reward_weight"]
-        assert entry["reward"] == pytest.approx(w * entry["reward_semantic"] + (1 - w) * entry["reward_naturalness"],
-                                                rel=1e-5, abs=1e-6)
+        mixed = (w * entry["reward_semantic"] / entry["advantage_scale_semantic"]
+                 + (1 - w) * entry["reward_naturalness"] / entry["advantage_scale_naturalness"])
+        assert entry["reward"] == pytest.approx(mixed, rel=1e-5, abs=1e-6)
+
+
+def test_mixed_advantages_give_each_reward_its_share_whatever_its_scale():
+    semantic = torch.tensor([[70.0, 76.0, 73.0], [80.0, 74.0, 77.0]])  # CLIP's scale: +-3
+    naturalness = torch.tensor([[0.1, -0.2, 0.4], [-0.5, 0.0, 0.2]])  # a logit's scale: +-0.3
+    rewards = {"semantic": semantic, "naturalness": naturalness}
+    for shares in ({"semantic": 0.7, "naturalness": 0.3}, {"semantic": 0.2, "naturalness": 0.8}):
+        mixed, scales = mixed_advantages(rewards, None, shares, "mean")
+        parts = {kind: self_critical_advantages(values, None, "mean") / scales[kind] for kind, values in rewards.items()}
+        for part in parts.values():
+            assert part.pow(2).mean().sqrt() == pytest.approx(1.0)  # each reward on one scale
+        torch.testing.assert_close(mixed, shares["semantic"] * parts["semantic"]
+                                   + shares["naturalness"] * parts["naturalness"])
+    # scaled up 1000x, a reward keeps its share of the advantage
+    louder = {"semantic": semantic * 1000, "naturalness": naturalness}
+    torch.testing.assert_close(mixed_advantages(louder, None, shares, "mean")[0], mixed)
+    # a reward at share 0 is left out (and has no scale)
+    only, scales = mixed_advantages(rewards, None, {"semantic": 1.0, "naturalness": 0.0}, "mean")
+    assert set(scales) == {"semantic"}
+    greedy = {"semantic": torch.tensor([73.0, 77.0]), "naturalness": torch.tensor([0.0, 0.0])}
+    by_greedy, _ = mixed_advantages(rewards, greedy, {"semantic": 1.0, "naturalness": 0.0}, "greedy")
+    assert torch.equal(by_greedy > 0, semantic > greedy["semantic"][:, None])
 
 
 def test_sample_log_probs_match_the_models_cross_entropy(shapes_clip, tiny_tokenizer, tmp_path):
     trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path))
     model = trainer.model.eval()
     features = torch.tensor(images_table(shapes_clip)["clip_features"][:3])
-    captions = trainer.roll_out(features).samples
+    captions = trainer.roll_out(features)[0]
     with torch.no_grad():
         token_log_probs, mask, _ = trainer.sample_log_probs(model, features.repeat_interleave(2, 0), captions)
         cross_entropy = model(prefix_features=features.repeat_interleave(2, 0), input_ids=captions,
@@ -321,11 +348,11 @@ def test_greedy_rows_decode_as_greedy_generation(shapes_clip, tiny_tokenizer, tm
                                                                     sample_temperature=2.0))
     model = trainer.model.eval()
     features = torch.tensor(images_table(shapes_clip)["clip_features"][:5])
-    rollout = trainer.roll_out(features)
+    samples, sample_texts, greedy_texts = trainer.roll_out(features)
     greedy = model.generate_captions(features, tokenizer=tiny_tokenizer, do_sample=False, max_new_tokens=6)
-    assert rollout.greedy_texts == greedy
-    assert rollout.samples.shape[0] == len(rollout.sample_texts) == 15
-    assert len(set(rollout.sample_texts)) > 5  # temperature 2: samples differ from one another
+    assert greedy_texts == greedy
+    assert samples.shape[0] == len(sample_texts) == 15
+    assert len(set(sample_texts)) > 5  # temperature 2: samples differ from one another
 
 
 class NonFiniteRewards(ClipRewards):
@@ -407,6 +434,42 @@ def test_evaluation_picks_the_best_checkpoint_by_cider(shapes_clip, tiny_tokeniz
     best = max(evaluations, key=lambda entry: entry["eval_cider"])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
     assert (Path(trainer.state.best_model_checkpoint) / "discriminator" / "config.json").is_file()
+
+
+def test_the_starting_model_competes_and_is_handed_back_when_nothing_beats_it(shapes_clip, tiny_tokenizer, tmp_path):
+    """Evaluated at step 0, the model the stage starts from is a candidate: a stage at learning rate 0 (which changes
+    nothing) returns it, and a stage that learns is only kept where it does better on validation."""
+    evaluator = CaptionEvaluator(images_table(shapes_clip, count=6, seed=3, split="val"), tiny_tokenizer,
+                                 tmp_path / "predictions", generation_kwargs=dict(max_new_tokens=5))
+    results = {}
+    for learning_rate in (0.0, 3e-3):
+        config = scst_config(tmp_path / str(learning_rate), max_steps=20, eval_strategy="steps", eval_steps=10,
+                             eval_on_start=True, save_strategy="steps", save_steps=10, save_total_limit=1,
+                             metric_for_best_model="clip_s_proxy", load_best_model_at_end=True,
+                             learning_rate=learning_rate, reward_weight=1.0, baseline="mean", num_samples=4)
+        evaluator.extra_metrics = [lambda predictions: {"clip_s_proxy": greedy_reward_of(trainer, predictions)}]
+        trainer = make_trainer(shapes_clip, tiny_tokenizer, config, evaluator=evaluator)
+        start = weights(trainer)["generator"]
+        trainer.train()
+        evaluations = {entry["step"]: entry["eval_clip_s_proxy"] for entry in trainer.state.log_history
+                       if "eval_clip_s_proxy" in entry}
+        assert sorted(evaluations) == [0, 10, 20]
+        results[learning_rate] = (trainer.state.best_model_checkpoint, evaluations, start, weights(trainer))
+    best, evaluations, start, final = results[0.0]
+    assert best.endswith("checkpoint-0") and Path(best).is_dir()  # kept despite save_total_limit 1
+    assert len(set(evaluations.values())) == 1
+    assert_same_weights({"generator": start, "discriminator": {}}, {**final, "discriminator": {}}, tolerance=0)
+    best, evaluations, start, final = results[3e-3]
+    best_step = max(evaluations, key=lambda step: (evaluations[step], -step))
+    assert best_step > 0, "the learning stage should beat its start on this reward"
+    assert best.endswith(f"checkpoint-{best_step}")
+
+
+def greedy_reward_of(trainer, predictions: dict[str, str]) -> float:
+    """The validation images' CLIP score of their captions (a reference-free selection metric)."""
+    table = trainer.evaluator.images
+    features = torch.tensor([table["clip_features"][table["image_id"].index(i)] for i in predictions])
+    return trainer.rewards(list(predictions.values()), features)["clip_cos"].mean().item()
 
 
 def test_settings_and_tables_are_checked(shapes_clip, tiny_tokenizer, tmp_path):
@@ -493,7 +556,7 @@ def test_two_processes_end_with_identical_weights(shapes_clip, tiny_tokenizer, t
     (work / "discriminator.json").write_text(json.dumps(TINY_DISCRIMINATOR))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          __file__, str(work)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((work / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -551,3 +614,52 @@ def test_shipped_recipes_parse_for_every_stage(recipe):
         assert script.stage == stage
         if stage == "scst":
             assert isinstance(config, SCSTConfig) and (script.init_from_stage or script.model_name_or_path)
+
+
+# ---- the gradient is on-policy, and the stage learns
+
+
+def test_samples_are_scored_under_the_distribution_they_were_drawn_from(shapes_clip, tiny_tokenizer, tmp_path):
+    """Scored in training mode, as the loss is, a sample's token log-probabilities are those of the distribution it
+    was drawn from: no dropout (the captioner has some, which the stage switches off) and the same temperature and
+    top-k, here recomputed by hand in evaluation mode."""
+    assert SCSTClipCapConfig(decoder_config=tiny_decoder_config()).decoder_config.resid_pdrop > 0
+    temperature, top_k = 0.7, 4
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, num_samples=3,
+                                                                    sample_temperature=temperature, sample_top_k=top_k))
+    model = trainer.model.train()  # as Trainer.training_step leaves it
+    features = torch.tensor(images_table(shapes_clip)["clip_features"][:4]).repeat_interleave(3, 0)
+    samples = trainer.roll_out(features[::3])[0]
+    with torch.no_grad():
+        scored, mask, _ = trainer.sample_log_probs(model, features, samples)
+        scored_again = trainer.sample_log_probs(model, features, samples)[0]
+        logits = model.eval()(prefix_features=features, input_ids=samples, attention_mask=mask,
+                              logits_to_keep=samples.shape[1] + 1).logits[:, :-1] / temperature
+    kth_best = logits.topk(top_k, dim=-1).values[..., -1:]
+    expected = logits.masked_fill(logits < kth_best, float("-inf")).log_softmax(-1)
+    expected = expected.gather(-1, samples[..., None]).squeeze(-1)
+    assert torch.isfinite(expected[mask.bool()]).all()  # every sampled token lies in the top k
+    torch.testing.assert_close(scored[mask.bool()], expected[mask.bool()])
+    assert torch.equal(scored, scored_again)
+
+
+def greedy_semantic_reward(trainer, features) -> float:
+    captions = trainer.model.generate_captions(features, tokenizer=trainer.processing_class, do_sample=False,
+                                               max_new_tokens=6)
+    return trainer.rewards(captions, features)["clip_cos"].mean().item()
+
+
+def test_scst_raises_the_greedy_captions_reward_where_a_no_op_stage_does_not(shapes_clip, tiny_tokenizer, tmp_path):
+    """A few dozen steps on the CLIP reward raise the greedy captions' CLIP score of the training images; the same
+    steps at learning rate 0 (a stage that does nothing) leave it where it was."""
+    gains = {}
+    for learning_rate in (0.0, 3e-3):
+        config = scst_config(tmp_path / str(learning_rate), max_steps=40, num_samples=4, reward_weight=1.0,
+                             baseline="mean", learning_rate=learning_rate, logging_steps=40)
+        trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
+        features = torch.tensor(trainer.train_dataset["clip_features"])
+        before = greedy_semantic_reward(trainer, features)
+        trainer.train()
+        gains[learning_rate] = greedy_semantic_reward(trainer, features) - before
+    assert gains[0.0] == 0.0
+    assert gains[3e-3] > 1.0

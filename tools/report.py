@@ -11,11 +11,12 @@ from pathlib import Path
 
 HEADLINE_METRICS = (
     "cider", "bleu_4", "meteor", "rouge_l", "spice", "clip_s", "attribute_precision", "attribute_recall",
-    "caption_length", "distinct_caption_share", "distinct_scene_caption_share", "repeated_word_share",
+    "attribute_f1", "caption_length", "distinct_caption_share", "distinct_scene_caption_share", "repeated_word_share",
 )
 FIGURE_FILES = {"Training curves": "training_curves.png", "Histograms": "histograms.png",
                 "Sample captions (page)": "captions.html", "Sample captions": "captions.png"}
-TRAJECTORY_METRICS = ("cider", "attribute_precision", "attribute_recall", "caption_length", "repeated_word_share")
+TRAJECTORY_METRICS = ("cider", "attribute_precision", "attribute_recall", "attribute_f1", "clip_s", "caption_length",
+                      "repeated_word_share")
 
 
 def metrics_table(test_metrics: dict[str, dict], columns: tuple[str, ...] = HEADLINE_METRICS,
@@ -37,6 +38,16 @@ def validation_trajectory(stage_dir: Path) -> dict[int, dict[str, float]]:
     history = json.loads(state_file.read_text())["log_history"]
     return {entry["step"]: {key[len("eval_"):]: value for key, value in entry.items() if key.startswith("eval_")}
             for entry in history if "eval_cider" in entry}
+
+
+def starting_point_note(stage: str, info: dict) -> str:
+    """What the step-0 row means, and plainly whether the stage improved on the model it started from."""
+    note = "Step 0 is the model the stage started from; it competes for the best checkpoint."
+    best = info.get("best_checkpoint") or ""
+    if best.rstrip("/").endswith("checkpoint-0"):
+        return note + (f" **No checkpoint of the {stage} stage beat it on validation: the stage returned the model it "
+                       "started from, unchanged.**")
+    return note + f" The stage kept `{Path(best).name}`." if best else note
 
 
 def write_figures(run_dir: Path, test_table: str | None, images_dir: str | None = None,
@@ -87,8 +98,7 @@ def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = 
             lines += [f"## Validation trajectory: {stage}", "",
                       metrics_table(trajectory, TRAJECTORY_METRICS, label="step"), ""]
             if 0 in trajectory:
-                lines += ["Step 0 is the model the stage started from; only the stage's own checkpoints compete "
-                          "for the best one.", ""]
+                lines += [starting_point_note(stage, training[stage]), ""]
     if figures:
         lines += ["## Figures", ""]
         lines += [f"- [{title}]({name})" + ("" if name.endswith(".html") else f"\n\n  ![{title}]({name})")

@@ -1,14 +1,58 @@
 """Pieces both training stages use: caption batches, the MMD term, and caption evaluation."""
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from metrics import compute_coco_metrics
+
+
+@dataclass
+class CaptionConfig(TrainingArguments):
+    r"""What every training stage of a captioner shares (its MMD term, its evaluation by captioning); each stage's
+    config adds its own settings. Everything else is [`~transformers.TrainingArguments`]."""
+
+    # Optional MMD term
+    mmd_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the MMD between mapped image prefixes and mapped text prefixes (init: of the "
+                          "step's corpus sentences; scst: of the step's real sentences, which then need clip_features "
+                          "in the corpus table). 0 turns it off.",
+                  "aliases": ["--lambda2"]},
+    )
+    mmd_bandwidths: list[float] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
+        metadata={"help": "RBF bandwidths of the MMD kernel, as multiples of the median pairwise distance."},
+    )
+
+    # Evaluation by captioning the validation images
+    eval_max_new_tokens: int = field(default=30, metadata={"help": "Caption length limit when evaluating."})
+    eval_num_beams: int = field(default=1, metadata={"help": "Beams when evaluating (1: greedy)."})
+    spice: bool = field(
+        default=False,
+        metadata={"help": "Also compute SPICE (Java; its Stanford models are fetched once, as pycocoevalcap does, "
+                          "when they are missing)."},
+    )
+
+    # Trainer defaults that suit captioning stages
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the table columns the stage reads (text, CLIP features)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mmd_weight < 0:
+            raise ValueError(f"mmd_weight must be >= 0 (0 turns it off), got {self.mmd_weight}.")
+        if not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0:
+            raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
+        if self.eval_num_beams < 1 or self.eval_max_new_tokens < 1:
+            raise ValueError("eval_num_beams and eval_max_new_tokens must be >= 1.")
 
 
 class CaptionCollator:
@@ -166,7 +210,7 @@ class CaptionTrainer(Trainer):
     """What every stage's trainer shares: per-step metrics averaged in `log()`, and evaluation by captioning.
 
     Subclasses append per-step values to `self._metrics[name]` and set `self.evaluator` (a [`CaptionEvaluator`], or
-    `None` to skip evaluation); their config has `eval_max_new_tokens` and `eval_num_beams`.
+    `None` to skip evaluation); their config is a [`CaptionConfig`].
     """
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -186,4 +230,18 @@ class CaptionTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in raw.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        if self.is_in_train and self.state.global_step == 0:
+            self.save_starting_point(metrics)
         return metrics
+
+    def save_starting_point(self, metrics: dict[str, float]):
+        """Let the model a stage starts from compete for the best checkpoint (evaluated at step 0 by
+        `eval_on_start`): it is saved as `checkpoint-0` and holds the best metric until a later checkpoint beats it,
+        so a stage that does not improve on validation hands back the model it started from."""
+        if self.args.metric_for_best_model is None or self.args.save_strategy == "no":
+            return
+        self._determine_best_metric(metrics, trial=None)
+        # Set before saving, so that the checkpoint's own trainer state names it and rotation keeps it; the Trainer
+        # only records best checkpoints of steps > 0 itself.
+        self.state.best_model_checkpoint = str(Path(self._get_output_dir(trial=None)) / "checkpoint-0")
+        self._save_checkpoint(self.model_wrapped, trial=None)

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import TrainingArguments
+from transformers import EarlyStoppingCallback
 
-from .common import CaptionCollator, CaptionEvaluator, CaptionTrainer, mmd_rbf
+from .common import CaptionCollator, CaptionConfig, CaptionEvaluator, CaptionTrainer, mmd_rbf
 
 
 @dataclass
-class InitConfig(TrainingArguments):
-    r"""Settings of the text-only initialization stage; everything else is [`~transformers.TrainingArguments`]."""
+class InitConfig(CaptionConfig):
+    r"""Settings of the text-only initialization stage (also the supervised bound's); the shared ones are
+    [`CaptionConfig`]'s."""
 
     # Text-only reconstruction
     noise_std: float = field(
@@ -43,40 +44,29 @@ class InitConfig(TrainingArguments):
             "aliases": ["--lambda1"],
         },
     )
-    mmd_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the MMD between mapped image prefixes and mapped text prefixes of the same step.",
-            "aliases": ["--lambda2"],
-        },
-    )
-    mmd_bandwidths: list[float] = field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
-        metadata={"help": "RBF bandwidths of the MMD kernel, as multiples of the median pairwise distance."},
-    )
 
     # Evaluation
-    eval_max_new_tokens: int = field(default=30, metadata={"help": "Caption length limit when evaluating."})
-    eval_num_beams: int = field(default=1, metadata={"help": "Beams when evaluating (1: greedy)."})
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop once metric_for_best_model has not improved for this many evaluations (0: train "
+                          "every epoch). The supervised bound uses it to train until validation stops improving."},
+    )
 
     # Trainer defaults that suit this stage
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the table columns the stage reads (text, CLIP features)."}
-    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("noise_std", "pseudo_pair_weight", "mmd_weight"):
+        for name in ("noise_std", "pseudo_pair_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}.")
-        if not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0:
-            raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
         if self.max_caption_length < 2:
             raise ValueError(f"max_caption_length must leave room for a word and EOS, got {self.max_caption_length}.")
-        if self.eval_num_beams < 1 or self.eval_max_new_tokens < 1:
-            raise ValueError("eval_num_beams and eval_max_new_tokens must be >= 1.")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}.")
+        if self.early_stopping_patience and not (self.load_best_model_at_end and self.metric_for_best_model):
+            raise ValueError("early_stopping_patience needs a validation metric to watch: set metric_for_best_model "
+                             "and load_best_model_at_end.")
 
 
 class InitTrainingData(Dataset):
@@ -135,6 +125,8 @@ class InitTrainer(CaptionTrainer):
         )
         self.evaluator = evaluator
         self._metrics = defaultdict(list)
+        if args.early_stopping_patience:
+            self.add_callback(EarlyStoppingCallback(args.early_stopping_patience))
 
     def noisy_text_prefix(self, text_features: torch.Tensor) -> torch.Tensor:
         """CLIP text embeddings as the model will see them, plus noise (normalised first when the model is)."""

@@ -1,20 +1,23 @@
 """Stage `scst`: self-critical sequence training of the captioner with CLIP rewards and a naturalness discriminator.
 
-Every step, on a batch of unpaired images:
+Every step, on a batch of unpaired images (`SCSTTrainer.training_step` reads top-down):
 1. `num_samples` captions per image are sampled and, for the `greedy` baseline, one greedy caption written (in the
-   same decoding loop), without gradient, by the unwrapped model with the KV cache;
+   same decoding loop), without gradient, by the unwrapped model with the KV cache, in the mode the loss is scored in
+   (dropout off for the stage by default, as TRL's `disable_dropout`);
 2. each caption gets a semantic reward from the frozen CLIP ([`ClipRewards`]: CLIP-cos against the image, CLIP-agg
    against the image's aggregated corpus embedding) and a naturalness reward, the [`Discriminator`]'s logit of "real";
-3. reward = w * semantic + (1 - w) * naturalness, where w is 0 for `gan_training_steps` steps, then ramps (linearly,
-   or at once) over `gan_warm_steps` steps up to `reward_weight`;
-4. the advantage of a sample is its reward minus the baseline: the greedy caption's reward (SCST, Rennie et al.) or
-   the mean reward of the image's other samples (Luo);
-5. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities, and
+3. each reward's advantage is its value minus its baseline: the greedy caption's (SCST, Rennie et al.) or the mean of
+   the image's other samples (Luo); each advantage is divided by its root mean square over the micro-batch, and the
+   two are mixed as w * semantic + (1 - w) * naturalness, so that w is the semantic share of the advantage whatever
+   the rewards' scales; w is 0 for `gan_training_steps` steps, then ramps (linearly, or at once) over
+   `gan_warm_steps` steps up to `reward_weight`;
+4. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities under the
+   sampling distribution (the same temperature / top-k / top-p warpers applied to the scored logits), and
    loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over the micro-batch's caption tokens,
    EOS included: the loss keeps the scale of a cross-entropy whatever the caption length; gradient accumulation and
    the processes then average these means), plus an optional MMD term
    between the mapped image prefixes and the mapped prefixes of real corpus sentences;
-6. the discriminator learns, by binary cross-entropy, the step's sampled captions (fake) from as many corpus
+5. the discriminator learns, by binary cross-entropy, the step's sampled captions (fake) from as many corpus
    sentences (real), and takes its optimizer step together with the captioner's.
 
 A step whose rewards, losses or gradient norms are not finite (on any process) is skipped by both networks: their
@@ -31,12 +34,15 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import set_seed
-from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback, TrainingArguments
+from transformers import (
+    LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dataprep.clip import check_clip_metadata, read_clip_metadata
 
-from .common import CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
+from .common import CaptionConfig, CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
 from .discriminator import Discriminator
 from .rewards import ClipRewards, SemanticWeights
 
@@ -50,8 +56,8 @@ STEP_PROBLEMS = ("rewards", "loss", "generator gradients", "discriminator gradie
 
 
 @dataclass
-class SCSTConfig(TrainingArguments):
-    r"""Settings of the SCST + adversarial stage; everything else is [`~transformers.TrainingArguments`]."""
+class SCSTConfig(CaptionConfig):
+    r"""Settings of the SCST + adversarial stage; the shared ones are [`CaptionConfig`]'s."""
 
     # Sampling
     num_samples: int = field(default=5, metadata={"help": "Captions sampled per image and step."})
@@ -64,6 +70,12 @@ class SCSTConfig(TrainingArguments):
     sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1: the model's own)."})
     sample_top_k: int = field(default=0, metadata={"help": "Sample among the k likeliest tokens (0: all)."})
     sample_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: all tokens)."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn the captioner's dropout off for the stage, so that the samples and the scored "
+                          "log-probabilities come from one distribution (on-policy). False keeps dropout on in "
+                          "both, with a different mask in each pass."},
+    )
 
     # Semantic reward
     clip_cos_weight: float = field(
@@ -82,7 +94,10 @@ class SCSTConfig(TrainingArguments):
 
     # Mixing semantic and naturalness rewards
     reward_weight: float = field(
-        default=0.5, metadata={"help": "Final weight w of the semantic reward; the discriminator's gets 1 - w."}
+        default=0.5,
+        metadata={"help": "Final share w of the semantic reward in the advantage; the discriminator's gets 1 - w. Each "
+                          "reward's advantage is divided by its root mean square over the micro-batch before mixing, "
+                          "so w is a share whatever the rewards' scales."},
     )
     gan_training_steps: int = field(
         default=0, metadata={"help": "Steps trained on the naturalness reward alone (w = 0) at the start."}
@@ -119,28 +134,9 @@ class SCSTConfig(TrainingArguments):
         default=40, metadata={"help": "Discriminator tokens per sentence; longer sentences are cut."}
     )
 
-    # Optional MMD term, as in stage init
-    mmd_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the MMD between mapped image prefixes and mapped prefixes of the step's real "
-                          "corpus sentences (needs clip_features in the corpus table). 0 turns it off."},
-    )
-    mmd_bandwidths: list[float] = field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
-        metadata={"help": "RBF bandwidths of the MMD kernel, as multiples of the median pairwise distance."},
-    )
-
-    # Evaluation
-    eval_max_new_tokens: int = field(default=30, metadata={"help": "Caption length limit when evaluating."})
-    eval_num_beams: int = field(default=1, metadata={"help": "Beams when evaluating (1: greedy)."})
-
     # Trainer defaults that suit this stage
     learning_rate: float = field(
         default=5e-5, metadata={"help": "Captioner AdamW learning rate (higher rates let CLIP's reward be hacked)."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the table columns the stage reads (CLIP features)."}
     )
 
     def __post_init__(self):
@@ -155,13 +151,11 @@ class SCSTConfig(TrainingArguments):
             raise ValueError(f"reward_ramp must be one of {RAMPS}, got {self.reward_ramp!r}.")
         if not 0 <= self.reward_weight <= 1:
             raise ValueError(f"reward_weight must lie in [0, 1], got {self.reward_weight}.")
-        for name in ("gan_training_steps", "gan_warm_steps", "discriminator_warmup_steps", "mmd_weight"):
+        for name in ("gan_training_steps", "gan_warm_steps", "discriminator_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0:
-            raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
-        if self.max_new_tokens < 1 or self.eval_max_new_tokens < 1 or self.eval_num_beams < 1:
-            raise ValueError("max_new_tokens, eval_max_new_tokens and eval_num_beams must be >= 1.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.fp16 or self.mixed_precision == "fp16":
             raise ValueError("the scst stage trains two networks, which fp16's single loss scaler does not cover: use "
                              "bf16 or full precision.")
@@ -182,6 +176,27 @@ def semantic_weight_at(step: int, reward_weight: float, gan_training_steps: int,
     if ramp == "constant" or gan_warm_steps == 0:
         return reward_weight
     return reward_weight * min(1.0, steps_after / gan_warm_steps)
+
+
+def mixed_advantages(sample_rewards: dict[str, torch.Tensor], greedy_rewards: dict[str, torch.Tensor] | None,
+                     shares: dict[str, float], baseline: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(B, K) advantages mixed from several rewards put on one scale, and each reward's scale.
+
+    Each reward ({kind: (B, K)}, greedy captions' {kind: (B,)}) gets its advantage against its own baseline, divided
+    by that advantage's root mean square over the batch; the scaled advantages are then summed with `shares`
+    ({kind: share}; kinds at share 0 are left out). CLIP's reward (logit scale x cosine, about 75 +- 3) and a
+    discriminator logit (about 0 +- 0.5) would otherwise mix at their raw scales, and a share would mean nothing.
+    CgT-GAN mixes its two policy-gradient losses at their raw scales; we scale as GRPO scales rewards per batch, with
+    the root mean square since baselined advantages are already centred per image.
+    """
+    mixed, scales = 0.0, {}
+    for kind, share in shares.items():
+        if share == 0:
+            continue
+        advantage = self_critical_advantages(sample_rewards[kind], greedy_rewards and greedy_rewards[kind], baseline)
+        scales[kind] = advantage.pow(2).mean().sqrt().clamp_min(1e-6)
+        mixed = mixed + share * advantage / scales[kind]
+    return mixed, scales
 
 
 def self_critical_advantages(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor | None,
@@ -217,6 +232,27 @@ def shared_caption_share(captions: list[str]) -> float:
     """Share of the images whose caption is also another image's caption."""
     counts = Counter(captions)
     return sum(counts[caption] > 1 for caption in captions) / max(len(captions), 1)
+
+
+def sampling_warpers(args: SCSTConfig) -> LogitsProcessorList:
+    """The processors that turn the model's logits into the sampling distribution, in `generate`'s order
+    (temperature, top-k, top-p): applied when sampling and again to the scored logits."""
+    warpers = []
+    if args.sample_temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(args.sample_temperature))
+    if args.sample_top_k > 0:
+        warpers.append(TopKLogitsWarper(args.sample_top_k))
+    if args.sample_top_p < 1.0:
+        warpers.append(TopPLogitsWarper(args.sample_top_p))
+    return LogitsProcessorList(warpers)
+
+
+def disable_dropout_in_model(model: torch.nn.Module):
+    """Dropout probability 0 in every dropout layer (as TRL's `disable_dropout_in_model`); the saved config keeps the
+    model's own rates."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 class GreedyRows(LogitsProcessor):
@@ -272,32 +308,42 @@ class CorpusStream:
 
 
 @dataclass
-class Rollout:
-    """A step's captions: `samples` (B*K, T) token ids, their texts, and the greedy captions' texts (or None)."""
+class SCSTBatch:
+    """One micro-batch after rollout and scoring, everything the loss and the discriminator need.
 
+    Attributes:
+        prefix_features: (B*K, D) each image's CLIP embedding, once per sample.
+        samples: (B*K, T) sampled caption token ids, trimmed of all-padding columns.
+        advantages: (B*K,) each sample's mixed, scaled advantage.
+        sample_texts: the B*K sampled captions.
+        greedy_texts: the B greedy captions (`greedy` baseline) or None.
+        real: the discriminator's real sentences of this micro-batch ({"text": [...]}, and "clip_features" when the MMD
+            term needs them).
+    """
+
+    prefix_features: torch.Tensor
     samples: torch.Tensor
+    advantages: torch.Tensor
     sample_texts: list[str]
     greedy_texts: list[str] | None
+    real: dict[str, list]
 
 
-class SynchronisedStep(TrainerCallback):
-    """Just before the captioner's optimizer step: the discriminator's step, or the skip of both."""
-
-    def __init__(self, trainer: "SCSTTrainer"):
-        self.trainer = trainer
+class ProcessSeeds(TrainerCallback):
+    """Every process was seeded alike; without its own stream each would sample the same captions. A resumed run then
+    loads each process's saved generator states over these."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Every process was seeded alike; without its own stream each would sample the same captions. A resumed run
-        # then loads each process's saved generator states over these.
         set_seed(args.seed, device_specific=True)
-        self.trainer.ensure_discriminator_scheduler()
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.finish_step()
 
 
 class SCSTTrainer(CaptionTrainer):
     """SCST with CLIP rewards and a naturalness discriminator for a [`SCSTClipCapForCaptioning`].
+
+    One optimizer step reads top-down: [`training_step`] (per micro-batch) calls [`generate_and_score`] (rollout and
+    rewards, no gradient), then the Trainer's own step, which takes [`compute_loss`] and its backward, then the
+    discriminator's backward; on the step's last micro-batch [`finish_step`] steps the discriminator or skips both
+    networks, just before the Trainer steps the captioner.
 
     Args:
         model: the captioner, usually the output of stage `init`.
@@ -322,8 +368,11 @@ class SCSTTrainer(CaptionTrainer):
         if evaluator is not None:
             # The Trainer wants an eval_dataset for its evaluation schedule; evaluate() reads the evaluator's.
             kwargs.setdefault("eval_dataset", evaluator.images)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
         super().__init__(model=model, args=args, train_dataset=images, data_collator=ImageCollator(),
                          processing_class=processing_class, **kwargs)
+        self.add_callback(ProcessSeeds())
         if args.mmd_weight > 0 and self.is_fsdp_enabled:
             raise ValueError("mmd_weight > 0 maps corpus embeddings outside the model's forward, which FSDP's sharded "
                              "parameters do not allow: set mmd_weight 0 or use DDP / DeepSpeed.")
@@ -334,62 +383,87 @@ class SCSTTrainer(CaptionTrainer):
         check_clip_metadata(read_clip_metadata(images), self.rewards.metadata,
                             "the training images table (its features feed the CLIP rewards)")
         self.discriminator = (discriminator or build_discriminator(args, processing_class)).to(args.device)
+        self.sampling_warpers = sampling_warpers(args)
         self.real_sentences = CorpusStream(corpus, args.seed, with_features=args.mmd_weight > 0)
         self.evaluator = evaluator
         self.skipped_steps = 0
         self._reward_samples = {}
         self._metrics = defaultdict(list)
+        # This optimizer step's state, cleared by finish_step: per-micro-batch metrics, non-finite findings, and the
+        # micro-batch index (which fixes where the corpus stream is read).
         self._step_metrics = defaultdict(list)
         self._step_problems = set()
         self._micro_step = 0
-        self.add_callback(SynchronisedStep(self))
 
-    # ---- one step
+    # ---- one step, top-down
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        features = inputs["prefix_features"]
-        rollout = self.roll_out(features)
-        advantages = self.advantages(rollout, features, inputs.get("agg_features"))
-        num_samples = self.args.num_samples
-        token_log_probs, mask, prefix_embeds = self.sample_log_probs(
-            model, features.repeat_interleave(num_samples, dim=0), rollout.samples)
-        loss = policy_gradient_loss(token_log_probs, mask, advantages.flatten())
-        self._step_metrics["policy_loss"].append(loss.item())
-        real = self.real_sentences.take(self.stream_position(), len(rollout.sample_texts))
-        if self.args.mmd_weight > 0:
-            loss = loss + self.args.mmd_weight * self.mmd(model, prefix_embeds[::num_samples], real["clip_features"])
-        if not torch.isfinite(loss):
-            self._step_problems.add("loss")
-        self.train_discriminator(real["text"], rollout.sample_texts)
-        self.record_captions(rollout, mask)
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-batch: rollout and rewards, the captioner's loss and backward (the Trainer's step), the
+        discriminator's backward; after the step's last micro-batch, the discriminator's optimizer step or the skip
+        of both networks (the Trainer then clips and steps the captioner)."""
+        if self.discriminator.scheduler is None:  # a DeepSpeed config with its own scheduler bypasses create_scheduler
+            self.discriminator.create_scheduler(self.state.max_steps)
+        batch = self.generate_and_score(self._prepare_inputs(inputs))
+        loss = super().training_step(model, batch, num_items_in_batch)
+        self.train_discriminator(batch.real["text"], batch.sample_texts)
         self._micro_step += 1
+        if self.accelerator.sync_gradients:
+            self.finish_step()
         return loss
 
-    @torch.no_grad()
-    def roll_out(self, features: torch.Tensor) -> Rollout:
-        """Sampled (and greedy) captions of a batch of image embeddings, in evaluation mode, with the KV cache.
+    def _prepare_inputs(self, inputs):
+        # Trainer.training_step prepares its inputs again: the scored batch passes as it is.
+        return inputs if isinstance(inputs, SCSTBatch) else super()._prepare_inputs(inputs)
 
-        The greedy captions come out of the same `generate` call as the samples, as one more row per image that
-        [`GreedyRows`] restricts to its likeliest token: one decoding loop instead of two."""
+    @torch.no_grad()
+    def generate_and_score(self, inputs: dict[str, torch.Tensor]) -> SCSTBatch:
+        """Samples (and greedy captions) of the micro-batch's images, their rewards and advantages, the
+        discriminator's real sentences, and the captions' statistics."""
+        features = inputs["prefix_features"]
+        samples, sample_texts, greedy_texts = self.roll_out(features)
+        advantages = self.advantages(sample_texts, greedy_texts, features, inputs.get("agg_features"))
+        self.record_captions(sample_texts, greedy_texts, samples)
+        num_samples = self.args.num_samples
+        return SCSTBatch(
+            prefix_features=features.repeat_interleave(num_samples, dim=0), samples=samples,
+            advantages=advantages.flatten(), sample_texts=sample_texts, greedy_texts=greedy_texts,
+            real=self.real_sentences.take(self.stream_position(), len(sample_texts)))
+
+    def compute_loss(self, model, inputs: SCSTBatch, return_outputs=False, num_items_in_batch=None):
+        """-mean(advantage * log p(token)) over the samples' caption tokens (+ the MMD term)."""
+        token_log_probs, mask, prefix_embeds = self.sample_log_probs(model, inputs.prefix_features, inputs.samples)
+        loss = policy_gradient_loss(token_log_probs, mask, inputs.advantages)
+        self._step_metrics["policy_loss"].append(loss.item())
+        if self.args.mmd_weight > 0:
+            image_prefix = prefix_embeds[:: self.args.num_samples]
+            loss = loss + self.args.mmd_weight * self.mmd(model, image_prefix, inputs.real["clip_features"])
+        if not torch.isfinite(loss):
+            self._step_problems.add("loss")
+        return loss
+
+    # ---- rollout and rewards (no gradient)
+
+    def roll_out(self, features: torch.Tensor) -> tuple[torch.Tensor, list[str], list[str] | None]:
+        """(B*K, T) sampled captions, their texts, and the B greedy captions' texts (or None), with the KV cache.
+
+        Sampling runs in the mode the loss is scored in (training mode, dropout off by `disable_dropout`) and through
+        `self.sampling_warpers`, the processors that also shape the scored distribution (see `sample_log_probs`). The
+        greedy captions come out of the same `generate` call, as one more row per image that [`GreedyRows`] restricts
+        to its likeliest token: one decoding loop instead of two."""
         num_samples, greedy = self.args.num_samples, self.args.baseline == "greedy"
         rows_per_image = num_samples + int(greedy)
         config = self.captioner_config
+        processors = ([GreedyRows(rows_per_image)] if greedy else []) + list(self.sampling_warpers)
         with self.generation_model() as generator:
-            was_training = generator.training
-            generator.eval()
-            try:
-                captions = generator.generate(
-                    features, do_sample=True, num_return_sequences=rows_per_image,
-                    temperature=self.args.sample_temperature, top_k=self.args.sample_top_k,
-                    top_p=self.args.sample_top_p, max_new_tokens=self.args.max_new_tokens,
-                    eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-                    logits_processor=LogitsProcessorList([GreedyRows(rows_per_image)] if greedy else []),
-                    synced_gpus=self.generation_is_collective)
-            finally:
-                generator.train(was_training)
+            # temperature 1, top_k 0 and top_p 1 turn generate's own warpers off: ours are the only ones.
+            captions = generator.generate(
+                features, do_sample=True, num_return_sequences=rows_per_image, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=self.args.max_new_tokens, eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id, logits_processor=LogitsProcessorList(processors),
+                synced_gpus=self.generation_is_collective)
         captions = captions.view(len(features), rows_per_image, -1)
         samples = trim_padding(captions[:, :num_samples].flatten(0, 1), config.eos_token_id)
-        return Rollout(samples, self.decode(samples), self.decode(captions[:, num_samples]) if greedy else None)
+        return samples, self.decode(samples), self.decode(captions[:, num_samples]) if greedy else None
 
     @property
     def generation_is_collective(self) -> bool:
@@ -417,42 +491,76 @@ class SCSTTrainer(CaptionTrainer):
         texts = self.processing_class.batch_decode(token_ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def advantages(self, rollout: Rollout, features: torch.Tensor, agg_features: torch.Tensor | None) -> torch.Tensor:
-        """(B, K) advantages of the samples; records every reward's mean."""
+    def advantages(self, sample_texts: list[str], greedy_texts: list[str] | None, features: torch.Tensor,
+                   agg_features: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) advantages of the samples, the semantic and naturalness rewards put on one scale and mixed (see
+        [`mixed_advantages`]); records every raw reward's mean and each advantage's scale."""
         num_images, num_samples = len(features), self.args.num_samples
-        texts = rollout.sample_texts + (rollout.greedy_texts or [])
+        texts = sample_texts + (greedy_texts or [])
         owner = torch.cat((torch.arange(num_images).repeat_interleave(num_samples),
-                           torch.arange(num_images if rollout.greedy_texts else 0))).to(features.device)
+                           torch.arange(num_images if greedy_texts else 0))).to(features.device)
         semantic = self.rewards(texts, features[owner], None if agg_features is None else agg_features[owner])
         naturalness = self.discriminator.scores(texts).to(features.device)
         weight = semantic_weight_at(self.state.global_step, self.args.reward_weight, self.args.gan_training_steps,
                                     self.args.gan_warm_steps, self.args.reward_ramp)
-        rewards = weight * semantic["semantic"] + (1 - weight) * naturalness
-        if not torch.isfinite(rewards).all():
+        raw = {"semantic": semantic["semantic"], "naturalness": naturalness}
+        if not all(torch.isfinite(values).all() for values in raw.values()):
             self._step_problems.add("rewards")
         sample_count = num_images * num_samples
-        greedy = rewards[sample_count:] if rollout.greedy_texts else None
-        advantages = self_critical_advantages(rewards[:sample_count].view(num_images, num_samples), greedy,
-                                              self.args.baseline)
-        for name, values in {**{f"reward_{name}": value for name, value in semantic.items()},
-                             "reward_naturalness": naturalness, "reward": rewards}.items():
+        advantages, scales = mixed_advantages(
+            {kind: values[:sample_count].view(num_images, num_samples) for kind, values in raw.items()},
+            {kind: values[sample_count:] for kind, values in raw.items()} if greedy_texts else None,
+            {"semantic": weight, "naturalness": 1 - weight}, self.args.baseline)
+        mixed = sum(share * raw[kind] / scales[kind] for kind, share in
+                    (("semantic", weight), ("naturalness", 1 - weight)) if share > 0)
+        logged = {**{f"reward_{name}": value for name, value in semantic.items()}, "reward_naturalness": naturalness,
+                  "reward": mixed}
+        for name, values in logged.items():
             self._step_metrics[name].append(values[:sample_count].mean().item())
             self._reward_samples[name] = values[:sample_count].tolist()
-        if greedy is not None:
-            self._step_metrics["reward_greedy"].append(greedy.mean().item())
+        if greedy_texts:
+            self._step_metrics["reward_greedy"].append(mixed[sample_count:].mean().item())
+        for kind, scale in scales.items():
+            self._step_metrics[f"advantage_scale_{kind}"].append(scale.item())
         self._step_metrics["reward_weight"].append(weight)
         self._step_metrics["advantage_std"].append(advantages.std().item() if advantages.numel() > 1 else 0.0)
         return advantages
 
+    def stream_position(self) -> int:
+        """Where this micro-batch reads the corpus stream: one slot per (step, micro-batch, process)."""
+        slot = (self.state.global_step * self.args.gradient_accumulation_steps + self._micro_step) \
+            * self.accelerator.num_processes + self.accelerator.process_index
+        return slot * self.args.per_device_train_batch_size * self.args.num_samples
+
+    def record_captions(self, sample_texts: list[str], greedy_texts: list[str] | None, samples: torch.Tensor):
+        self._reward_samples["caption_length"] = [len(text.split()) for text in sample_texts]
+        statistics = caption_statistics(sample_texts)
+        for name in ("caption_length", "distinct_1", "distinct_2", "repeated_word_share"):
+            self._step_metrics[name].append(statistics[name])
+        per_image = greedy_texts or sample_texts[:: self.args.num_samples]
+        self._step_metrics["same_caption_share"].append(shared_caption_share(per_image))
+        mask = caption_mask(samples, self.captioner_config.eos_token_id)
+        self._step_metrics["caption_tokens"].append(mask.sum(dim=1).float().mean().item())
+
+    # ---- the loss's parts (with gradient)
+
     def sample_log_probs(self, model, prefix_features: torch.Tensor, captions: torch.Tensor):
-        """Token log-probabilities (N, T) of the captions from one teacher-forced pass of the wrapped model, their
-        mask, and the mapped prefixes."""
+        """Token log-probabilities (N, T) of the captions under the distribution they were sampled from, their mask,
+        and the mapped prefixes.
+
+        One teacher-forced pass of the wrapped model, its logits shaped by the same warpers as sampling was
+        (temperature, top-k, top-p), so the gradient is on-policy. We follow self-critical.pytorch, which scores the
+        samples in a second pass as here, rather than CgT-GAN, which keeps the log-probabilities of its sampling pass
+        (in training mode, dropout on); the samples here come from `generate` with the KV cache, and the model's
+        dropout is off during the stage (`disable_dropout`), so both passes see the same distribution."""
         mask = caption_mask(captions, self.captioner_config.eos_token_id)
         outputs = model(prefix_features=prefix_features, input_ids=captions, attention_mask=mask,
                         logits_to_keep=captions.shape[1] + 1, use_cache=False)
-        logits = outputs.logits[:, :-1].float()  # position i predicts caption token i
-        token_log_probs = logits.gather(-1, captions[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
-        return token_log_probs, mask, outputs.prefix_embeds
+        logits = outputs.logits[:, :-1].float()  # (N, T, V): position i predicts caption token i
+        warped = self.sampling_warpers(captions, logits.flatten(0, 1)).view_as(logits)
+        log_probs = warped.log_softmax(dim=-1).gather(-1, captions[..., None]).squeeze(-1)
+        # Padding after EOS may lie outside top-k / top-p (log p = -inf): it is masked, and must not make NaNs.
+        return torch.where(mask.bool(), log_probs, torch.zeros_like(log_probs)), mask, outputs.prefix_embeds
 
     def mmd(self, model, image_prefix: torch.Tensor, real_features: list) -> torch.Tensor:
         text_features = torch.tensor(real_features, dtype=torch.float32, device=image_prefix.device)
@@ -461,12 +569,6 @@ class SCSTTrainer(CaptionTrainer):
         value = mmd_rbf(image_prefix.flatten(1), text_prefix.flatten(1), tuple(self.args.mmd_bandwidths))
         self._step_metrics["mmd"].append(value.item())
         return value
-
-    def stream_position(self) -> int:
-        """Where this micro-batch reads the corpus stream: one slot per (step, micro-batch, process)."""
-        slot = (self.state.global_step * self.args.gradient_accumulation_steps + self._micro_step) \
-            * self.accelerator.num_processes + self.accelerator.process_index
-        return slot * self.args.per_device_train_batch_size * self.args.num_samples
 
     def train_discriminator(self, real: list[str], fake: list[str]):
         """Backward of the discriminator's loss on this micro-batch; its step comes with the captioner's."""
@@ -480,18 +582,11 @@ class SCSTTrainer(CaptionTrainer):
         self._step_metrics["discriminator_accuracy_real"].append(output.accuracy_real)
         self._step_metrics["discriminator_accuracy_fake"].append(output.accuracy_fake)
 
-    def record_captions(self, rollout: Rollout, mask: torch.Tensor):
-        self._reward_samples["caption_length"] = [len(text.split()) for text in rollout.sample_texts]
-        statistics = caption_statistics(rollout.sample_texts)
-        for name in ("caption_length", "distinct_1", "distinct_2", "repeated_word_share"):
-            self._step_metrics[name].append(statistics[name])
-        per_image = rollout.greedy_texts or rollout.sample_texts[:: self.args.num_samples]
-        self._step_metrics["same_caption_share"].append(shared_caption_share(per_image))
-        self._step_metrics["caption_tokens"].append(mask.sum(dim=1).float().mean().item())
+    # ---- the end of an optimizer step
 
     def finish_step(self):
         """The discriminator's optimizer step, or, when anything of this step is not finite on any process, the skip
-        of both networks' steps. Called by [`SynchronisedStep`] just before the captioner's optimizer step."""
+        of both networks' steps (the captioner's gradients are dropped before the Trainer steps it)."""
         self.discriminator.all_reduce_gradients()
         discriminator_norm = self.discriminator.clip_gradients()
         if not torch.isfinite(discriminator_norm):
@@ -538,17 +633,12 @@ class SCSTTrainer(CaptionTrainer):
         with open(os.path.join(self.args.output_dir, REWARD_SAMPLES_FILE), "a") as samples:
             samples.write(json.dumps({"step": self.state.global_step, **self._reward_samples}) + "\n")
 
-    # ---- schedules, checkpoints, evaluation
+    # ---- schedules, checkpoints
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         self.discriminator.create_scheduler(num_training_steps)
         return scheduler
-
-    def ensure_discriminator_scheduler(self):
-        """A DeepSpeed config with its own scheduler bypasses `create_scheduler`: the discriminator's is made here."""
-        if self.discriminator.scheduler is None:
-            self.discriminator.create_scheduler(self.state.max_steps)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -560,7 +650,8 @@ class SCSTTrainer(CaptionTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            self.ensure_discriminator_scheduler()
+            if self.discriminator.scheduler is None:
+                self.discriminator.create_scheduler(self.state.max_steps)
             with zero3_init_disabled(self.args):
                 extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
             self.skipped_steps = extra.get("skipped_steps", 0)
