@@ -5,6 +5,7 @@ from typing import Literal
 from transformers import GPT2Config, PreTrainedConfig
 
 MAPPING_TYPES = ("mlp", "transformer")
+CLIP_EMBEDDINGS = ("normalized", "raw")
 
 
 class SCSTClipCapConfig(PreTrainedConfig):
@@ -32,7 +33,13 @@ class SCSTClipCapConfig(PreTrainedConfig):
         mapping_mlp_ratio (`float`, defaults to 2.0):
             Transformer mapper only: width of each layer's MLP relative to the hidden size.
         normalize_prefix (`bool`, defaults to `False`):
-            L2-normalise the CLIP embedding before mapping it.
+            L2-normalise the CLIP embedding before mapping it. The model then gives the same captions for a raw and a
+            normalised embedding of an image.
+        clip_embedding (`str`, defaults to `"normalized"`):
+            Which CLIP image embedding the model was trained on, and so must be given: `"normalized"` (L2-normalised,
+            as the tables of `prepare_datasets.py` store them; every model trained here) or `"raw"` (open_clip's
+            `encode_image` output as is, as ClipCap's released COCO / Conceptual weights and CgT-GAN read it). The
+            captioning pipeline, `caption_images` and evaluation feed this kind.
         freeze_decoder (`bool`, defaults to `False`):
             Keep GPT-2's weights fixed; only the mapper trains.
         decoder_config (`dict` or `GPT2Config`, *optional*):
@@ -62,6 +69,7 @@ class SCSTClipCapConfig(PreTrainedConfig):
     num_mapping_heads: int = 8
     mapping_mlp_ratio: float = 2.0
     normalize_prefix: bool = False
+    clip_embedding: Literal["normalized", "raw"] = "normalized"
     freeze_decoder: bool = False
     decoder_config: dict | PreTrainedConfig | None = None
     clip_model_name: str = "ViT-B-32"
@@ -80,6 +88,8 @@ class SCSTClipCapConfig(PreTrainedConfig):
         """Raise a `ValueError` that says what to change when the settings cannot build a model."""
         if self.mapping_type not in MAPPING_TYPES:
             raise ValueError(f"mapping_type={self.mapping_type!r} is not supported: use one of {MAPPING_TYPES}.")
+        if self.clip_embedding not in CLIP_EMBEDDINGS:
+            raise ValueError(f"clip_embedding={self.clip_embedding!r} is not supported: use one of {CLIP_EMBEDDINGS}.")
         for name in ("prefix_dim", "prefix_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")

@@ -6,8 +6,9 @@ A saved model folder (or Hub repo) carries this file beside its model code, so d
     captioner = pipeline(model="user/scstclipcap-coco", trust_remote_code=True)
     captioner("photo.jpg")  # [{"generated_text": "a man riding a wave on top of a surfboard"}]
 
-Images are encoded by the CLIP the model was trained on, exactly as the training tables were made (open_clip's
-eval transform, L2-normalised image embeddings): the CLIP bundled in the model's `clip/` subfolder (an open_clip
+Images are encoded by the CLIP the model was trained on, with open_clip's eval transform, into the embedding the
+model reads (`config.clip_embedding`): L2-normalised as the training tables hold them, or raw `encode_image` output
+for converted ClipCap / CgT-GAN models. The CLIP is the one bundled in the model's `clip/` subfolder (an open_clip
 `local-dir:` folder) when there is one, otherwise the config's `clip_model_name` / `clip_pretrained` reference
 loaded through open_clip (`ViT-B-32` + `openai`, `hf-hub:org/repo`, ...).
 
@@ -152,14 +153,22 @@ class CaptioningClip:
         return self.preprocess(open_image(image, timeout=timeout)).unsqueeze(0)
 
     @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP input `(B, 3, H, W)` -> L2-normalised float32 image embeddings `(B, D)`, as the tables hold them."""
-        return self.model.encode_image(pixel_values.to(self.device), normalize=True).float()
+    def encode(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """CLIP input `(B, 3, H, W)` -> float32 image embeddings `(B, D)`.
 
-    def encode_images(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
-        """Embeddings `(N, D)` of PIL images, paths or URLs, `batch_size` at a time."""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
+                Images after the CLIP's transform.
+            normalize (`bool`, defaults to `True`):
+                L2-normalise, as the tables hold them; `False` gives `encode_image`'s raw output.
+        """
+        return self.model.encode_image(pixel_values.to(self.device), normalize=normalize).float()
+
+    def encode_images(self, images: Sequence, batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+        """Embeddings `(N, D)` of PIL images, paths or URLs, `batch_size` at a time (see [`encode`])."""
         parts = [
-            self.encode(torch.cat([self.pixel_values(image) for image in images[start : start + batch_size]]))
+            self.encode(torch.cat([self.pixel_values(image) for image in images[start : start + batch_size]]),
+                        normalize=normalize)
             for start in range(0, len(images), batch_size)
         ]
         return torch.cat(parts)
@@ -171,8 +180,8 @@ class SCSTClipCapPipeline(Pipeline):
     Call it on a PIL image, a path or a URL (-> `[{"generated_text": caption}]`, one dict per returned sequence), or
     on a list of them (-> one such list per image). Generation settings (`max_new_tokens`, `num_beams`, `do_sample`,
     `num_return_sequences`, ...) go at the top level or in `generate_kwargs`, when building the pipeline or when
-    calling it; `batch_size` batches the CLIP and the captioner together. Without a length setting captions stop
-    after 30 new tokens.
+    calling it; `batch_size` batches the CLIP and the captioner together. Without a length setting, captions stop
+    where the model's generation config says (after 30 new tokens when it says nothing).
 
     Args:
         clip (`CaptioningClip`, *optional*):
@@ -212,7 +221,9 @@ class SCSTClipCapPipeline(Pipeline):
         return {"image": self.clip.pixel_values(image, timeout=timeout)}
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
-        prefix_features = self.clip.encode(model_inputs["image"])
+        # The embedding the model was trained on: normalised, or raw for converted ClipCap / CgT-GAN weights.
+        normalize = self.model.config.clip_embedding == "normalized"
+        prefix_features = self.clip.encode(model_inputs["image"], normalize=normalize)
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {}, return_dict_in_generate=False)
         caption_ids = self.model.generate(prefix_features=prefix_features, **generate_kwargs)
         # (B * sequences, T) -> (B, sequences, T), so that batches split per image

@@ -4,16 +4,29 @@ The `Original*` modules below copy the forward passes of ClipCap's train.py (git
 which CgT-GAN's models.py (github.com/Lihr747/CgtGAN) repeats, at tiny sizes and with dropout left out.
 """
 
+import argparse
+import re
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
+import convert_checkpoint
+from conftest import PROJECT_ROOT, make_tiny_clip
 from convert_checkpoint import main
+from dataprep.clip import encode_images, load_clip
 
 N_EMBD, N_HEAD, VOCAB_SIZE = 32, 2, 64
 WORDS = "a the red blue green circle square small big left right of above is and .".split()
+# Every id of the tiny GPT-2 is a word, so that any caption decodes.
+WORDS += [f"w{index}" for index in range(VOCAB_SIZE - 2 - len(WORDS))]
 
 
 class OriginalMLP(nn.Module):
@@ -99,11 +112,12 @@ class OriginalTransformerMapper(nn.Module):
 class OriginalClipCaptionModel(nn.Module):
     """ClipCap's `ClipCaptionModel` (CgT-GAN's generator): GPT-2 under `gpt`, the mapper under `clip_project`."""
 
-    def __init__(self, prefix_length, prefix_size, mapping_type="mlp", clip_length=None, num_layers=8):
+    def __init__(self, prefix_length, prefix_size, mapping_type="mlp", clip_length=None, num_layers=8, n_layer=2,
+                 n_positions=64):
         super().__init__()
         self.prefix_length = prefix_length
         self.gpt = GPT2LMHeadModel(
-            GPT2Config(n_layer=2, n_embd=N_EMBD, n_head=N_HEAD, n_positions=64, vocab_size=VOCAB_SIZE)
+            GPT2Config(n_layer=n_layer, n_embd=N_EMBD, n_head=N_HEAD, n_positions=n_positions, vocab_size=VOCAB_SIZE)
         )
         if mapping_type == "mlp":
             self.clip_project = OriginalMLP((prefix_size, N_EMBD * prefix_length // 2, N_EMBD * prefix_length))
@@ -183,6 +197,17 @@ def convert(source, checkpoint, output, tokenizer_dir, *flags):
                  "--n-head", str(N_HEAD), *flags])
 
 
+def conversion_error(capsys, *args) -> str:
+    """The one line a refused conversion writes to stderr (after checking it ends with exit code 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        convert(*args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    return error
+
+
 def test_clipcap_mlp_checkpoint_gives_the_original_logits(tmp_path, tokenizer_dir):
     original = original_model(prefix_length=10, prefix_size=512)
     torch.save({**original.state_dict(), **legacy_gpt2_buffers()}, tmp_path / "coco_weights.pt")
@@ -194,12 +219,15 @@ def test_clipcap_mlp_checkpoint_gives_the_original_logits(tmp_path, tokenizer_di
     assert (config.mapping_type, config.prefix_length, config.prefix_dim) == ("mlp", 10, 512)
     assert (config.clip_model_name, config.clip_pretrained) == ("ViT-B-32", "openai")
     assert not config.freeze_decoder and not config.normalize_prefix
+    assert config.clip_embedding == "raw", "ClipCap's parse_coco.py and predict.py feed raw encode_image output"
     prefix, tokens, mask = caption_batch(512)
     assert_same_logits(model, original, prefix, tokens, mask)
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
-    assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id]
+    # generate2 / generate_beam: entry_length 67, stop at "." only.
+    assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids(".")]
+    assert model.generation_config.max_new_tokens == 67
     assert len(model.generate_captions(prefix, max_new_tokens=4)) == 3
 
 
@@ -216,8 +244,12 @@ def test_clipcap_transformer_checkpoint_gives_the_original_logits(tmp_path, toke
         "transformer", 5, 3, 2)
     assert (config.prefix_dim, config.clip_model_name, config.num_mapping_heads) == (640, "RN50x4", 8)
     assert config.freeze_decoder, "ClipCap's Transformer variant trains with GPT-2 frozen"
+    assert config.normalize_prefix and config.clip_embedding == "normalized"
+    # The notebook that runs transformer_weights.pt divides encode_image's output by its norm before the mapper.
     prefix, tokens, mask = caption_batch(640)
-    assert_same_logits(model, original, prefix, tokens, mask)
+    normalised = prefix / prefix.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(converted_logits(model, 5 * prefix, tokens, mask),
+                               original_logits(original, normalised, tokens, mask))
 
 
 def test_cgtgan_checkpoint_gives_the_original_logits_on_normalised_features(tmp_path, tokenizer_dir):
@@ -229,12 +261,121 @@ def test_cgtgan_checkpoint_gives_the_original_logits_on_normalised_features(tmp_
     config = model.config
     assert (config.clip_model_name, config.prefix_dim) == ("ViT-L-14", 768)
     assert config.normalize_prefix and not config.freeze_decoder
+    assert model.generation_config.max_new_tokens == 20, "CgT-GAN's --max_gen_length"
     # CgT-GAN with --normalize_prefix feeds x/|x| to its model; the converted one normalises inside.
     prefix, tokens, mask = caption_batch(768)
     normalised = prefix / prefix.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(
         converted_logits(model, 3 * prefix, tokens, mask), original_logits(original, normalised, tokens, mask)
     )
+
+
+def test_cgtgan_checkpoint_reads_raw_embeddings_by_default(tmp_path, tokenizer_dir):
+    original = original_model(prefix_length=10, prefix_size=768)
+    torch.save(original.state_dict(), tmp_path / "model.pt")
+
+    model = convert("cgtgan", tmp_path / "model.pt", tmp_path / "out", tokenizer_dir)
+
+    assert not model.config.normalize_prefix and model.config.clip_embedding == "raw"
+    prefix, tokens, mask = caption_batch(768)
+    assert_same_logits(model, original, prefix, tokens, mask)
+
+
+def clipcap_generate2(model, tokenizer, embed, entry_length=67, top_p=0.8, temperature=1.0, stop_token="."):
+    """ClipCap's `generate2` (predict.py) for one embedding: greedy decoding without a cache until the stop token.
+    Returns the generated token ids."""
+    stop_token_index = tokenizer.encode(stop_token)[0]
+    tokens = None
+    filter_value = -float("inf")
+    with torch.no_grad():
+        generated = embed
+        for _ in range(entry_length):
+            outputs = model.gpt(inputs_embeds=generated)
+            logits = outputs.logits
+            logits = logits[:, -1, :] / (temperature if temperature > 0 else 1.0)
+            sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+            cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+            sorted_indices_to_remove = cumulative_probs > top_p
+            sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
+            sorted_indices_to_remove[..., 0] = 0
+            indices_to_remove = sorted_indices[sorted_indices_to_remove]
+            logits[:, indices_to_remove] = filter_value
+            next_token = torch.argmax(logits, -1).unsqueeze(0)
+            next_token_embed = model.gpt.transformer.wte(next_token)
+            tokens = next_token if tokens is None else torch.cat((tokens, next_token), dim=1)
+            generated = torch.cat((generated, next_token_embed), dim=1)
+            if stop_token_index == next_token.item():
+                break
+    return tokens.squeeze(0).tolist()
+
+
+@pytest.fixture(scope="module")
+def clip_name(tmp_path_factory) -> str:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(3):
+        paths.append(str(folder / f"image_{index}.png"))
+        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_converted_clipcap_captions_images_through_the_pipeline_as_the_original_code(
+        tmp_path, tokenizer_dir, clip_name, image_paths):
+    clip_model, preprocess, _ = load_clip(clip_name)
+    raw = encode_images(clip_model, preprocess, image_paths, normalize=False)  # what parse_coco.py / predict.py feed
+    # A random CLIP maps all images close to one direction: centre the mapper on them and amplify, so the images
+    # get captions of their own; "." made likely enough that captions end before the length limit.
+    original = original_model(prefix_length=4, prefix_size=raw.shape[1], n_positions=128)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with torch.no_grad():
+        first = original.clip_project.model[0]
+        first.weight.mul_(30)
+        first.bias.copy_(-first.weight @ raw.mean(0))
+        original.gpt.transformer.wte.weight[tokenizer.convert_tokens_to_ids(".")] *= 3
+    torch.save(original.state_dict(), tmp_path / "coco_weights.pt")
+    convert("clipcap", tmp_path / "coco_weights.pt", tmp_path / "out", tokenizer_dir, "--clip-model", clip_name,
+            "--clip-pretrained", "")
+
+    expected = []
+    for features in raw:
+        embed = original.clip_project(features[None]).view(1, original.prefix_length, -1)
+        expected.append(tokenizer.decode(clipcap_generate2(original, tokenizer, embed), skip_special_tokens=True))
+    captioner = pipeline(model=str(tmp_path / "out"), trust_remote_code=True)
+    captions = [output[0]["generated_text"] for output in captioner(image_paths)]
+    model = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+
+    assert captions == expected
+    assert model.caption_images(image_paths) == expected
+    assert len(set(expected)) > 1 and any(caption.endswith(".") for caption in expected)
+    normalised = model.generate_captions(F.normalize(raw, dim=-1), tokenizer=tokenizer)
+    assert normalised != expected, "fed normalised embeddings, the model would caption otherwise"
+
+
+@pytest.mark.parametrize("source", ["clipcap", "cgtgan"])
+def test_beam_search_equals_gpt2_beam_search_on_the_same_prefix(tmp_path, tokenizer_dir, source):
+    prefix_dim = {"clipcap": 512, "cgtgan": 768}[source]
+    original = original_model(prefix_length=4, prefix_size=prefix_dim, n_positions=128)
+    torch.save(original.state_dict(), tmp_path / "weights.pt")
+    model = convert(source, tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir)
+    prefix = torch.randn(3, prefix_dim, generator=torch.Generator().manual_seed(2))
+    settings = dict(num_beams=4, num_return_sequences=2, max_new_tokens=12, length_penalty=1.0)
+
+    ours = model.generate(prefix_features=prefix, **settings)
+
+    # Plain GPT-2 generate on the mapper's output, with the same stopping rules.
+    embeds = original.clip_project(prefix).view(3, original.prefix_length, -1)
+    with torch.no_grad():
+        reference = original.gpt.generate(inputs_embeds=embeds, attention_mask=torch.ones(3, 4, dtype=torch.long),
+                                          generation_config=model.generation_config, **settings)
+    assert ours.shape[0] == 6
+    assert torch.equal(ours, reference[:, -ours.shape[1]:])
+    assert len({tuple(row) for row in ours.tolist()}) > 1
 
 
 @pytest.mark.parametrize(
@@ -256,10 +397,15 @@ def test_wrapped_state_dicts_convert(tmp_path, tokenizer_dir, wrap):
     assert_same_logits(model, original, prefix, tokens, mask)
 
 
-def save_broken(path, change):
-    state = original_model(prefix_length=4, prefix_size=512).state_dict()
+def save_broken(path, change, **settings):
+    state = original_model(**{"prefix_length": 4, "prefix_size": 512, **settings}).state_dict()
     change(state)
     torch.save(state, path)
+
+
+def drop_layer(state, layer):
+    for key in [key for key in state if key.startswith(f"gpt.transformer.h.{layer}.")]:
+        del state[key]
 
 
 @pytest.mark.parametrize(
@@ -277,31 +423,71 @@ def save_broken(path, change):
          r"gpt\.lm_head\.weight differs"),
         (lambda state: state.pop("clip_project.model.0.weight"), r"has no mapper"),
         (lambda state: state.pop("gpt.transformer.wte.weight"), r"has no 'gpt\.transformer\.wte\.weight'"),
+        (lambda state: drop_layer(state, 1), r"lacks layer 1 \(gpt\.transformer\.h\.1\.\*\) between layers 0 and 2"),
     ],
-    ids=["missing", "unexpected", "foreign", "shape", "untied-head", "no-mapper", "no-gpt2"],
+    ids=["missing", "unexpected", "foreign", "shape", "untied-head", "no-mapper", "no-gpt2", "layer-gap"],
 )
-def test_checkpoints_that_do_not_fit_name_the_keys(tmp_path, tokenizer_dir, change, message):
-    save_broken(tmp_path / "broken.pt", change)
-    with pytest.raises(SystemExit, match=message):
-        convert("clipcap", tmp_path / "broken.pt", tmp_path / "out", tokenizer_dir)
+def test_checkpoints_that_do_not_fit_name_the_keys(tmp_path, tokenizer_dir, capsys, change, message):
+    save_broken(tmp_path / "broken.pt", change, n_layer=3)
+    error = conversion_error(capsys, "clipcap", tmp_path / "broken.pt", tmp_path / "out", tokenizer_dir)
+    assert re.search(message, error) and str(tmp_path / "broken.pt") in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lost_last_layer_of_a_released_gpt2_size_is_refused(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    # The tiny GPT-2 stands for a released size: hidden size 32 "has" 3 layers and 2 heads.
+    monkeypatch.setitem(convert_checkpoint.GPT2_SIZES, N_EMBD, ("tiny", 3, N_HEAD))
+    save_broken(tmp_path / "weights.pt", lambda state: drop_layer(state, 2), n_layer=3)
+
+    error = conversion_error(capsys, "clipcap", tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir)
+    assert "has 2 GPT-2 layers (gpt.transformer.h.0-1), where GPT-2 tiny (hidden size 32) has 3" in error
+    assert "--n-layer 2" in error
+
+    model = main(["clipcap", "--checkpoint", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "out"),
+                  "--gpt2", str(tokenizer_dir), "--n-layer", "2"])
+    assert (model.config.decoder_config.n_layer, model.config.decoder_config.n_head) == (2, N_HEAD)
+
+
+def test_heads_follow_the_hidden_size_unless_told(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    save_broken(tmp_path / "weights.pt", lambda state: None)
+    error = conversion_error(capsys, "clipcap", tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir,
+                             "--n-head", "5")
+    assert "--n-head 5 must divide GPT-2's hidden size 32" in error
+    without_flag = ["clipcap", "--checkpoint", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "out"),
+                    "--gpt2", str(tokenizer_dir)]
+    with pytest.raises(SystemExit):
+        main(without_flag)
+    assert "hidden size 32 (gpt.transformer.wte.weight) is none of the released GPT-2s' (768, 1024, 1280, " \
+           "1600): pass its number of heads, --n-head" in capsys.readouterr().err
+    monkeypatch.setitem(convert_checkpoint.GPT2_SIZES, N_EMBD, ("tiny", 2, 4))
+    assert main(without_flag).config.decoder_config.n_head == 4
+
+
+class NotATensor:
+    pass
 
 
 @pytest.mark.parametrize(
     "write, message",
     [
-        (lambda path: path.write_text("not a checkpoint"), r"notes\.pt: cannot be read as a torch checkpoint"),
-        (lambda path: path.write_text("junk\n"), r"notes\.pt: cannot be read as a torch checkpoint"),
+        (lambda path: path.write_text("not a checkpoint"), r"notes\.pt: is not a PyTorch checkpoint"),
+        (lambda path: path.write_text("junk\n"), r"notes\.pt: is not a PyTorch checkpoint"),
         (lambda path: torch.save({"clip_project": "mlp", "gpt": "gpt2"}, path),
          r"entries are not tensors: clip_project, gpt"),
         (lambda path: torch.save({"model": {}}, path), r"holds no state dict"),
+        (lambda path: torch.save({"args": argparse.Namespace(lr=1), "model": {}}, path),
+         r"holds Python objects besides tensors, .* torch\.save\(model\.state_dict\(\), path\)"),
+        (lambda path: path.write_bytes(b"PK\x03\x04 broken zip"), r"notes\.pt: (is not|cannot be read as) a"),
+        (lambda path: path.mkdir(), r"notes\.pt: is a folder: pass the \.pt file itself"),
+        (lambda path: None, r"notes\.pt: no such file"),
     ],
-    ids=["text", "short-text", "not-tensors", "empty"],
+    ids=["text", "short-text", "not-tensors", "empty", "objects", "broken-zip", "folder", "missing"],
 )
-def test_a_file_that_is_no_state_dict_is_refused(tmp_path, tokenizer_dir, write, message):
+def test_a_file_that_is_no_state_dict_is_refused(tmp_path, tokenizer_dir, capsys, write, message):
     write(tmp_path / "notes.pt")
-    with pytest.raises(SystemExit, match=message):
-        convert("clipcap", tmp_path / "notes.pt", tmp_path / "out", tokenizer_dir)
+    error = conversion_error(capsys, "clipcap", tmp_path / "notes.pt", tmp_path / "out", tokenizer_dir)
+    assert re.search(message, error), error
+    assert "weights_only" not in error
 
 
 @pytest.mark.parametrize(
@@ -320,10 +506,12 @@ def test_a_file_that_is_no_state_dict_is_refused(tmp_path, tokenizer_dir, write,
         ("mlp", ["--prefix-length", "40"],
          r"clip_project\.model\.2\.weight has shape \(320, 160\), i\.e\. prefix_length 10"),
         ("mlp", ["--n-head", "5"], r"--n-head 5 must divide GPT-2's hidden size 32"),
+        ("mlp", ["--n-layer", "3"], r"--n-layer 3 contradicts the checkpoint: gpt\.transformer\.h\.\* has 2 layers"),
         ("mlp", ["--stop-token", "zebra"], r"--stop-token 'zebra' is not a single token"),
     ],
 )
-def test_flags_that_contradict_the_checkpoint_are_refused(tmp_path, tokenizer_dir, mapping_type, flags, message):
+def test_flags_that_contradict_the_checkpoint_are_refused(tmp_path, tokenizer_dir, capsys, mapping_type, flags,
+                                                          message):
     if mapping_type == "mlp":
         original = original_model(prefix_length=10, prefix_size=640)
     else:
@@ -331,5 +519,50 @@ def test_flags_that_contradict_the_checkpoint_are_refused(tmp_path, tokenizer_di
             prefix_length=5, prefix_size=640, mapping_type="transformer", clip_length=3, num_layers=2
         )
     torch.save(original.state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(SystemExit, match=message):
-        convert("clipcap", tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir, "--clip-model", "RN50x4", *flags)
+    error = conversion_error(capsys, "clipcap", tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir,
+                             "--clip-model", "RN50x4", *flags)
+    assert re.search(message, error), error
+
+
+def test_the_wrong_source_kind_says_which_to_run(tmp_path, tokenizer_dir, capsys):
+    transformer = original_model(prefix_length=5, prefix_size=640, mapping_type="transformer", clip_length=3,
+                                 num_layers=2)
+    torch.save(transformer.state_dict(), tmp_path / "transformer_weights.pt")
+    error = conversion_error(capsys, "cgtgan", tmp_path / "transformer_weights.pt", tmp_path / "out", tokenizer_dir)
+    assert "is no CgT-GAN generator" in error and "convert_checkpoint.py clipcap" in error
+
+    torch.save(original_model(prefix_length=10, prefix_size=768).state_dict(), tmp_path / "model.pt")
+    error = conversion_error(capsys, "clipcap", tmp_path / "model.pt", tmp_path / "out", tokenizer_dir)
+    assert "ViT-B-32 gives 512-d embeddings" in error and "convert_checkpoint.py cgtgan" in error
+
+    gpt2_alone = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=N_EMBD, n_head=N_HEAD, vocab_size=VOCAB_SIZE))
+    torch.save(gpt2_alone.state_dict(), tmp_path / "gpt2.pt")
+    error = conversion_error(capsys, "clipcap", tmp_path / "gpt2.pt", tmp_path / "out", tokenizer_dir)
+    assert "it looks like a GPT-2 language model alone" in error
+
+
+def test_a_missing_tokenizer_folder_is_one_line(tmp_path, capsys):
+    save_broken(tmp_path / "weights.pt", lambda state: None)
+    error = conversion_error(capsys, "clipcap", tmp_path / "weights.pt", tmp_path / "out", tmp_path / "no-such-dir")
+    assert f"--gpt2 {tmp_path / 'no-such-dir'}: no such folder" in error
+
+    (tmp_path / "empty").mkdir()
+    error = conversion_error(capsys, "clipcap", tmp_path / "weights.pt", tmp_path / "out", tmp_path / "empty")
+    assert "no tokenizer in this folder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_default_tokenizer_is_one_line_without_traceback(tmp_path):
+    """As a user runs it: the default `--gpt2 gpt2`, no network, an empty Hugging Face cache."""
+    save_broken(tmp_path / "weights.pt", lambda state: None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "convert_checkpoint.py"), "clipcap", "--checkpoint",
+         str(tmp_path / "weights.pt"), "--output", str(tmp_path / "out"), "--n-head", str(N_HEAD)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("convert_checkpoint.py clipcap: error: --gpt2 gpt2: not a folder here")
+    assert "--gpt2 gpt2-tokenizer" in lines[0]
