@@ -24,6 +24,9 @@ try:
 except ImportError:
     from configuration_scstclipcap import SCSTClipCapConfig
 
+# Caption length when neither the call nor the saved generation config sets one (ClipCap's captions stay under it).
+DEFAULT_MAX_NEW_TOKENS = 30
+
 
 class MLPMapper(nn.Module):
     """ClipCap's MLP mapper: Linear -> Tanh -> Linear from one CLIP vector to `prefix_length` embeddings."""
@@ -173,6 +176,14 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
         self._caption_tokenizer = None
         self._caption_clip = None
         self.post_init()
+        # Tied copies (the LM head is GPT-2's word embedding matrix) are not saved. Declaring them as keys left out of
+        # a save makes `Trainer` re-tie instead of reporting them missing when it loads a checkpoint (resume, best
+        # model).
+        self._keys_to_ignore_on_save = set(self.all_tied_weights_keys)
+        if self.generation_config.max_new_tokens is None:
+            # A length of our own, so that `generate` neither warns nor stops at the library's 20 tokens.
+            room = config.decoder_config.n_positions - config.prefix_length
+            self.generation_config.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
 
     @classmethod
     def from_decoder_pretrained(cls, decoder_name_or_path: str, **config_kwargs) -> "SCSTClipCapForCaptioning":
@@ -267,6 +278,11 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
             prefix_embeds = self.map_prefix(prefix_features)
             inputs_embeds, attention_mask, labels = self._prepend_prefix(prefix_embeds, input_ids, attention_mask, labels)
             input_ids = None
+        elif attention_mask is None and input_ids is not None:
+            # `generate` drops an all-ones mask; GPT-2 would then take the pad tokens fed after a caption has ended
+            # for padding and warn. The mask spells out that every cached and new position is attended.
+            seen = cache.get_seq_length() if cache is not None else 0
+            attention_mask = input_ids.new_ones(input_ids.shape[0], seen + input_ids.shape[1])
         outputs = self.decoder(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -372,7 +388,8 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
     def caption_images(
         self, images, clip=None, *, batch_size: int = 32, tokenizer=None, **generation_kwargs
     ) -> list[str]:
-        """Captions of images, through the same code as the captioning pipeline.
+        """Captions of images, through the same code as the captioning pipeline: the CLIP embedding the model reads
+        (`config.clip_embedding`), then [`generate`].
 
         Args:
             images (PIL image, path or URL, or a list of them):
@@ -384,7 +401,8 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Defaults to the tokenizer saved beside the model.
             generation_kwargs:
-                Passed to [`generate`] (`max_new_tokens`, defaulting to 30, `num_beams`, `do_sample`, ...).
+                Passed to [`generate`] (`max_new_tokens`, defaulting to the generation config's, `num_beams`,
+                `do_sample`, ...).
 
         Returns:
             `list[str]` of length `len(images) * num_return_sequences`.

@@ -188,6 +188,62 @@ def test_save_and_load_round_trip(make_config, tiny_tokenizer, tmp_path):
     assert all(isinstance(caption, str) for caption in captions) and len(captions) == 3
 
 
+def test_trainer_reloads_a_checkpoint_without_reporting_the_tied_head_missing(make_config, tmp_path):
+    """Resume and load_best_model_at_end load `model.safetensors` with `load_state_dict(strict=False)`: the tied LM
+    head, left out of the file, must not read as a missing key."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    saved = make_model(make_config, seed=0)
+    saved.save_pretrained(tmp_path / "checkpoint")
+    model = make_model(make_config, seed=1)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[]))
+
+    with CaptureLogger(transformers_logging.get_logger("transformers.trainer")) as captured:
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
+
+    assert "missing keys" not in captured.out
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert model.decoder.lm_head.weight is model.decoder.transformer.wte.weight
+
+
+def test_generation_with_finished_captions_does_not_ask_for_an_attention_mask(make_config):
+    """Rows that ended early are fed padding; generate drops the all-ones mask it was given, so the model must not
+    let GPT-2 take that padding for unmasked input (its 'strongly recommend passing an attention_mask' warning)."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as transformers_logging
+
+    model = make_model(make_config)
+    prefix_features = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    first_tokens = model.generate(prefix_features, max_new_tokens=1)[:, 0]
+    assert len(set(first_tokens.tolist())) > 1, "some captions must end at once while others go on"
+    settings = [dict(), dict(do_sample=True, num_return_sequences=2)]
+    for generation_kwargs in settings:
+        transformers_logging.get_logger("transformers.modeling_utils").warning_once.cache_clear()
+        with CaptureLogger(transformers_logging.get_logger("transformers.modeling_utils")) as captured:
+            captions = model.generate(prefix_features, max_new_tokens=4, eos_token_id=int(first_tokens[0]),
+                                      **generation_kwargs)
+        assert (captions == model.config.pad_token_id).any(), generation_kwargs
+        assert "attention_mask" not in captured.out, generation_kwargs
+
+
+def test_models_save_a_caption_length(make_config, tmp_path, recwarn):
+    model = make_model(make_config)
+    assert model.generation_config.max_new_tokens == 30
+    model.save_pretrained(tmp_path)
+    loaded = SCSTClipCapForCaptioning.from_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["max_new_tokens"] == 30
+
+    captions = loaded.generate(torch.randn(2, 16), min_new_tokens=30)
+
+    assert captions.shape[1] == 30
+    assert not [warning for warning in recwarn if "max_length" in str(warning.message)]
+    short = make_model(make_config, decoder_config={**make_config().decoder_config.to_dict(), "n_positions": 20})
+    assert short.generation_config.max_new_tokens == 20 - 4, "no longer than GPT-2's positions allow"
+
+
 def test_caption_convenience_without_a_tokenizer_says_what_to_do(make_config):
     with pytest.raises(ValueError, match="pass tokenizer="):
         make_model(make_config).generate_captions(torch.randn(1, 16))
