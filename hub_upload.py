@@ -256,8 +256,10 @@ def _model_section(config: dict, run_info: dict, clip_bundled: bool) -> str:
                                                           if config.get("clip_pretrained") else ""))
     mapper = MAPPERS.get(config.get("mapping_type"), "a prefix mapper")
     frozen = ", GPT-2 frozen" if config.get("freeze_decoder") else ""
+    # Converted ClipCap / CgT-GAN weights read encode_image's raw output; models trained here the normalised one.
+    embedding = "raw encode_image output" if config.get("clip_embedding") == "raw" else "L2-normalised"
     text = (f"An SCSTClipCap image captioner: {clip} embeds the image ({config.get('prefix_dim')}-d, "
-            f"L2-normalised), {mapper} turns the embedding into {config.get('prefix_length')} GPT-2 input "
+            f"{embedding}), {mapper} turns the embedding into {config.get('prefix_length')} GPT-2 input "
             f"embeddings, and a GPT-2 ({decoder.get('n_layer')} layers, width {decoder.get('n_embd')}, "
             f"{decoder.get('vocab_size')} tokens{frozen}) writes the caption.")
     return "## Model\n\n" + text + (f"\n\nTraining stage: {stage}." if stage else "")

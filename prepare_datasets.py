@@ -4,6 +4,11 @@
     python prepare_datasets.py coco --images /data/coco --annotations /data/coco_caption --output data
     #   -> data/coco/{train,val,test}, data/coco/{val,test}_references.json, data/coco/*.report.json
     #   (--train-references keeps train captions, for a supervised upper bound only)
+    # ... or from a Karpathy split JSON, or your own images with one caption file (OSCAR rows, which may name
+    # their files: {"image_id": 7, "file_name": "val/0007.jpg", "caption": ...}, or the official COCO format)
+    python prepare_datasets.py coco --images /data/coco --annotations /data/dataset_coco.json --output data
+    python prepare_datasets.py coco --images /data/mine --annotations /data/mine/captions.json --split test \
+        --name mine --output data
 
     # Flickr30k from Karpathy's dataset_flickr30k.json
     python prepare_datasets.py flickr30k --images /data/flickr30k/images \\
@@ -28,8 +33,9 @@
     python prepare_datasets.py shapes
 
 CLIP: --clip-model NAME --clip-pretrained TAG|FILE|hf-hub:ID (default ViT-B-32 / openai), or
---clip-model local-dir:PATH / hf-hub:ID. Features are stored L2-normalised; every table records
-its CLIP (see dataprep/clip.py) and tables of different CLIPs are refused before any work.
+--clip-model local-dir:PATH / hf-hub:ID. Features are stored L2-normalised, with each raw embedding's
+norm beside them (clip_features_norm), so models that read raw CLIP output are fed too; every table
+records its CLIP (see dataprep/clip.py) and tables of different CLIPs are refused before any work.
 A finished table is reused when the command runs again, unless --overwrite. Skipped inputs are
 counted by reason and listed in <table>.report.json; the command fails (exit 2) only when an
 input cannot be read at all or nothing usable is left.
@@ -84,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     run, clip = _run_flags(), _clip_flags()
 
     coco = commands.add_parser("coco", parents=[run, clip], help="COCO Karpathy split (OSCAR coco_caption)")
-    coco.add_argument("--images", required=True, help="folder with train2014/ and val2014/ below it")
-    coco.add_argument("--annotations", required=True, help="folder with train/val/test_caption.json")
+    coco.add_argument("--images", required=True, help="folder with the images below it (train2014/ and val2014/ "
+                      "for COCO); the caption files' file names are relative to it")
+    coco.add_argument("--annotations", required=True,
+                      help="folder with train/val/test_caption.json (OSCAR or official COCO format), a Karpathy split "
+                           "JSON (dataset_coco.json), or one caption file (OSCAR or official COCO format)")
+    coco.add_argument("--split", default="test", choices=("train", "val", "test"),
+                      help="the split a single caption file becomes (default test)")
     coco.add_argument("--output", default="data", help="tables root (writes <output>/<name>/...)")
     coco.add_argument("--name", default="coco", help="table group name")
     coco.add_argument("--train-references", action="store_true",
@@ -168,7 +179,7 @@ def run_command(args) -> dict:
     options = RunOptions(args.batch_size, args.num_workers, args.device, args.overwrite, not args.no_progress)
     if args.command == "coco":
         return prepare_coco(args.images, args.annotations, args.output, _clip_request(args, True), options,
-                            args.train_references, args.name)
+                            args.train_references, args.name, args.split)
     if args.command == "flickr30k":
         return prepare_flickr30k(args.annotations, args.images, args.output, _clip_request(args, True), options,
                                  args.train_references, args.name)

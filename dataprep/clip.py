@@ -11,9 +11,21 @@ survives save_to_disk / load_from_disk, select, map, shuffle, add_column and con
     {"model_name": "ViT-B-32", "pretrained": "openai", "dim": 512, "normalized": true,
      "weights_sha256": null, "logit_scale": 100.0}
 
-Features are always stored L2-normalised (`normalized: true`). `weights_sha256` identifies weights
-that live in local files (a `local-dir:` folder or a checkpoint file), so a folder that moved still
-matches and a CLIP retrained in place does not; `logit_scale` is the CLIP's own exp(logit_scale).
+Features are always stored L2-normalised (`normalized: true`): cosine similarities, CLIP-agg, CLIP-S and
+the models trained here all work on the unit sphere. Beside each CLIP feature column `X` the column
+`X_norm` holds the L2 norm of the raw embedding, so `X * X_norm` is open_clip's raw `encode_image` /
+`encode_text` output, which ClipCap's released MLP weights and CgT-GAN read (a model's
+`config.clip_embedding` says which it reads). Tables made before norms were recorded lack `X_norm`: they
+feed only models that read normalised embeddings, and `check_model_features` says so.
+`weights_sha256` identifies weights that live in local files (a `local-dir:` folder or a checkpoint
+file), so a folder that moved still matches and a CLIP retrained in place does not; `logit_scale` is the
+CLIP's own exp(logit_scale).
+
+A captioner's input from a table, in evaluation or training:
+
+    check_model_features(table, model.config, "test table")   # refuses a table that cannot feed the model
+    prefix = table_prefix_features(table, model.config)       # (N, D), normalised or raw as the model reads
+    prefix = model_prefix_features(batch_features, model.config, batch_norms)   # the same for one batch
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -37,6 +50,7 @@ DEFAULT_CLIP_PRETRAINED = "openai"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+NORM_SUFFIX = "_norm"
 _HASH_CHUNK = 1 << 22
 
 
@@ -202,6 +216,99 @@ def check_clip_metadata(found: dict, expected: dict, what: str) -> None:
             f"(prepare_datasets.py --clip-model/--clip-pretrained, --overwrite) or use matching tables.")
 
 
+def norm_column(column: str) -> str:
+    """The column holding the raw embeddings' L2 norms of the feature column `column` (`clip_features_norm`)."""
+    return column + NORM_SUFFIX
+
+
+def model_reads(config) -> str | None:
+    """The CLIP embedding a captioner with `config` must be fed: `"normalized"` or `"raw"`; None when both give the
+    same captions, because the model normalises its input itself (`normalize_prefix`)."""
+    return None if config.normalize_prefix else config.clip_embedding
+
+
+def _table_columns(table: "str | os.PathLike | object") -> list[str]:
+    if isinstance(table, (str, os.PathLike)):
+        info = json.loads((Path(table) / "dataset_info.json").read_text())
+        return list(info.get("features") or {})
+    return list(table.column_names)
+
+
+def check_model_features(table: "str | os.PathLike | object", config, what: str = "table",
+                         column: str = "clip_features") -> None:
+    """Raise ClipMismatchError unless `column` of `table` can feed a captioner with `config`.
+
+    It can when D equals `config.prefix_dim` and the table holds the CLIP embedding the model reads
+    (`config.clip_embedding`), or one it can be turned into: normalised features are always there, raw ones
+    need the `<column>_norm` column (tables made by this version of prepare_datasets.py).
+
+    Args:
+        table (`str`, `os.PathLike` or `datasets.Dataset`):
+            A saved table folder or a loaded table.
+        config ([`SCSTClipCapConfig`]):
+            The captioner's config.
+        what (`str`, defaults to `"table"`):
+            How the message names the table (`"test table"`); a folder's path is added.
+        column (`str`, defaults to `"clip_features"`):
+            The feature column fed to the model.
+    """
+    meta = read_clip_metadata(table)
+    where = f"{what} {table}" if isinstance(table, (str, os.PathLike)) else what
+    if meta.get("dim") is not None and meta["dim"] != config.prefix_dim:
+        raise ClipMismatchError(
+            f"{where} holds {meta['dim']}-d features of CLIP {describe_clip(meta)}, but the model reads "
+            f"{config.prefix_dim}-d embeddings of {config.clip_model_name}: make the table with the model's CLIP "
+            "(prepare_datasets.py --clip-model/--clip-pretrained).")
+    if (model_reads(config) == "raw" and meta.get("normalized") is not False
+            and norm_column(column) not in _table_columns(table)):
+        raise ClipMismatchError(
+            f"{where} stores L2-normalised CLIP features without their norms, but the model reads raw encode_image "
+            "output (clip_embedding='raw', as ClipCap's released MLP weights and CgT-GAN do): rebuild the table "
+            f"with prepare_datasets.py --overwrite, which records each row's norm in {norm_column(column)}.")
+
+
+def model_prefix_features(features: torch.Tensor, config, norms: torch.Tensor | None = None,
+                          normalized: bool = True) -> torch.Tensor:
+    """Stored CLIP features -> the embeddings a captioner with `config` reads.
+
+    Args:
+        features (`torch.Tensor` of shape `(batch_size, D)`):
+            Rows of a feature column.
+        config ([`SCSTClipCapConfig`]):
+            The captioner's config.
+        norms (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+            The same rows of the `<column>_norm` column; needed when the model reads raw embeddings and `features`
+            are normalised.
+        normalized (`bool`, defaults to `True`):
+            Whether `features` are L2-normalised (the table metadata's `normalized`; true for every table made here).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, D)`: `features` themselves when they are what the model reads.
+    """
+    wanted = model_reads(config)
+    if wanted is None or (wanted == "normalized") == normalized:
+        return features
+    if wanted == "normalized":
+        return F.normalize(features, dim=-1)
+    if norms is None:
+        raise ValueError("the model reads raw CLIP embeddings (clip_embedding='raw'): pass the norms of these "
+                         "normalised features (the table's *_norm column)")
+    return features * norms.to(features.dtype).unsqueeze(-1)
+
+
+def table_prefix_features(table, config, column: str = "clip_features", what: str = "table") -> torch.Tensor:
+    """All rows of `column` of a loaded table as a captioner with `config` reads them, `(N, D)` float32 on the CPU
+    (meant for evaluation tables: the whole column is held in memory). Refused as by [`check_model_features`]."""
+    from .tables import feature_matrix
+
+    check_model_features(table, config, what, column)
+    features = torch.from_numpy(feature_matrix(table, column))
+    norms = None
+    if norm_column(column) in table.column_names:
+        norms = torch.tensor(table[norm_column(column)], dtype=torch.float32)
+    return model_prefix_features(features, config, norms, read_clip_metadata(table).get("normalized") is not False)
+
+
 def embedding_dim(model: torch.nn.Module, tokenizer: Callable) -> int:
     """D of the joint embedding space, from one tiny text forward (works for every open_clip model)."""
     with torch.inference_mode():
@@ -233,10 +340,12 @@ class LoadedClip:
 
 @dataclass
 class FeatureBatch:
-    """Features of the inputs at `indices` (positions in the encoded sequence), and those that failed."""
+    """Features of the inputs at `indices` (positions in the encoded sequence), the L2 norms of their raw
+    embeddings, and the inputs that failed."""
 
     indices: list[int]
     features: torch.Tensor
+    norms: torch.Tensor
     failures: list[tuple[int, str, str]]
 
 
@@ -307,15 +416,19 @@ def _loader(inputs: Dataset, collate: Callable, batch_size: int, num_workers: in
         pin_memory=device.type == "cuda", worker_init_fn=_single_thread_worker if num_workers else None)
 
 
-def _iter_features(loader: DataLoader, encode: Callable, device: torch.device, total: int,
+def _iter_features(loader: DataLoader, encode: Callable, device: torch.device, total: int, normalize: bool,
                    progress: str | None, unit: str) -> Iterator[FeatureBatch]:
+    """`encode` gives raw embeddings; their norms are kept so that tables can give them back."""
     with tqdm(total=total, desc=progress, unit=unit, disable=progress is None, dynamic_ncols=True) as bar:
         for indices, inputs, failures in loader:
-            with torch.inference_mode():
-                features = (encode(inputs.to(device, non_blocking=True)).float().cpu() if indices
-                            else torch.empty(0, 0))
+            features, norms = torch.empty(0, 0), torch.empty(0)
+            if indices:
+                with torch.inference_mode():
+                    raw = encode(inputs.to(device, non_blocking=True)).float()
+                    norms = raw.norm(dim=-1).cpu()
+                    features = (F.normalize(raw, dim=-1) if normalize else raw).cpu()
             bar.update(len(indices) + len(failures))
-            yield FeatureBatch(indices, features, failures)
+            yield FeatureBatch(indices, features, norms, failures)
 
 
 def iter_image_features(model: torch.nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
@@ -324,12 +437,12 @@ def iter_image_features(model: torch.nn.Module, preprocess: Callable, images: Se
     """Stream CLIP image features batch by batch; `images` are paths or PIL images.
 
     Decoding runs in `num_workers` DataLoader workers; unreadable images are reported in
-    `FeatureBatch.failures` as (position, "missing_image_file" | "corrupt_image", detail).
+    `FeatureBatch.failures` as (position, "missing_image_file" | "corrupt_image", detail). Features are
+    L2-normalised unless `normalize=False`; `FeatureBatch.norms` are the raw embeddings' norms either way.
     """
     device = torch.device(device)
     loader = _loader(_ImageInputs(images, preprocess), _collate_images, batch_size, num_workers, device)
-    encode = functools.partial(model.encode_image, normalize=normalize)
-    yield from _iter_features(loader, encode, device, len(images), progress, "img")
+    yield from _iter_features(loader, model.encode_image, device, len(images), normalize, progress, "img")
 
 
 def iter_text_features(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
@@ -338,8 +451,7 @@ def iter_text_features(model: torch.nn.Module, tokenizer: Callable, texts: Seque
     """Stream CLIP text features batch by batch (tokenization runs in the DataLoader workers)."""
     device = torch.device(device)
     loader = _loader(_TextInputs(texts), _TokenizeBatch(tokenizer), batch_size, num_workers, device)
-    encode = functools.partial(model.encode_text, normalize=normalize)
-    yield from _iter_features(loader, encode, device, len(texts), progress, "sent")
+    yield from _iter_features(loader, model.encode_text, device, len(texts), normalize, progress, "sent")
 
 
 def _gather(batches: Iterator[FeatureBatch]) -> torch.Tensor:

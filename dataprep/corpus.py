@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clip import iter_text_features, read_table_description
+from .clip import iter_text_features, norm_column, read_table_description
 from .common import ClipRequest, RunOptions, require_rows, reusable, reused_report, table_description
 from .sources import (CleaningRules, DataPrepError, SkipReport, clean_corpus, read_gcc_tsv, read_sentence_dump,
                       read_training_captions)
@@ -42,11 +42,12 @@ def _write_corpus_table(sentences: list[str], table: Path, source: str, clip: Cl
     batches = iter_text_features(loaded.model, loaded.tokenizer, sentences, batch_size=options.batch_size,
                                  num_workers=options.num_workers, device=loaded.device,
                                  progress=f"corpus/{table.name}" if options.progress else None)
-    with TableWriter(table, corpus_features(loaded.metadata["dim"]), description) as writer:
+    with TableWriter(table, corpus_features(loaded.metadata["dim"], with_norms=True), description) as writer:
         for batch in batches:
             writer.write({
                 "text": [sentences[i] for i in batch.indices],
                 "clip_features": batch.features.numpy(),
+                norm_column("clip_features"): batch.norms.numpy(),
                 "source": [source] * len(batch.indices),
             })
         writer.finish()

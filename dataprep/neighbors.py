@@ -9,6 +9,8 @@ max and sum, as in streaming attention), so memory holds the corpus features plu
 
 `pseudo-pairs` writes `<images>_pseudo_pairs_<corpus>`: for every image, the corpus sentence
 with the highest cosine similarity (image_id, clip_features, text, text_features, similarity).
+
+Both carry the images table's `clip_features_norm` (the raw embeddings' norms) when it has them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .clip import check_clip_metadata, read_table_description
+from .clip import check_clip_metadata, norm_column, read_table_description
 from .common import ClipRequest, RunOptions, reused_report, table_description
 from .sources import DataPrepError, SkipReport
 from .tables import (TableWriter, feature_matrix, images_features, iter_feature_chunks, load_table,
@@ -28,6 +30,7 @@ from .tables import (TableWriter, feature_matrix, images_features, iter_feature_
 
 # Temperatures of the published CLIP-agg recipes, per corpus source.
 PUBLISHED_TEMPERATURES = {"coco": 100.0, "gcc": 175.0}
+NORM = norm_column("clip_features")
 IMAGE_CHUNK = 1024
 CORPUS_CHUNK = 16384
 
@@ -106,10 +109,13 @@ def nearest_sentences(images: torch.Tensor, corpus: torch.Tensor,
 
 
 def _image_chunks(images, options: RunOptions, device: torch.device, label: str):
+    """(rows, features) per chunk of the images table: its other columns (the raw norms too, where the table has
+    them) and its CLIP features on `device`."""
+    columns = ["image_id", "file_name", "references"] + [NORM] * (NORM in images.column_names)
     with tqdm(total=len(images), desc=label, unit="img", disable=not options.progress, dynamic_ncols=True) as bar:
         for start in range(0, len(images), IMAGE_CHUNK):
             stop = min(start + IMAGE_CHUNK, len(images))
-            rows = images.select_columns(["image_id", "file_name", "references"]).select(range(start, stop))
+            rows = images.select_columns(columns).select(range(start, stop))
             features = torch.from_numpy(feature_matrix(images, "clip_features", start, stop)).to(device)
             yield rows.to_dict(), features
             bar.update(stop - start)
@@ -139,7 +145,8 @@ def aggregate(images_path: str | Path, corpus_path: str | Path, options: RunOpti
     aggregation = {"corpus": str(corpus_path), "corpus_rows": len(corpus), "temperature": temperature}
     description = {**images_description, "aggregation": aggregation}
     dim = images_description["clip"]["dim"]
-    with TableWriter(output, images_features(dim, with_agg=True), description) as writer:
+    with TableWriter(output, images_features(dim, with_agg=True, with_norms=NORM in images.column_names),
+                     description) as writer:
         for rows, features in _image_chunks(images, options, device, f"aggregate {output.name}"):
             targets = aggregated_targets(features, corpus_features, temperature)
             writer.write({**rows, "clip_features": features.cpu().numpy(), "agg_text_features": targets.cpu().numpy()})
@@ -163,13 +170,16 @@ def pseudo_pairs(images_path: str | Path, corpus_path: str | Path, options: RunO
     corpus_features = load_corpus_features(corpus, device)
     description = table_description("pseudo_pairs", images_description["clip"],
                                     pseudo_pairs={"images": str(images_path), "corpus": str(corpus_path)})
-    with TableWriter(output, pseudo_pairs_features(images_description["clip"]["dim"]), description) as writer:
+    with_norms = NORM in images.column_names
+    schema = pseudo_pairs_features(images_description["clip"]["dim"], with_norms=with_norms)
+    with TableWriter(output, schema, description) as writer:
         for rows, features in _image_chunks(images, options, device, f"pseudo pairs {output.name}"):
             index, similarity = nearest_sentences(features, corpus_features)
             index = index.cpu().numpy()
             writer.write({
                 "image_id": rows["image_id"],
                 "clip_features": features.cpu().numpy(),
+                **({NORM: rows[NORM]} if with_norms else {}),
                 "text": corpus.select(index)[:]["text"] if len(index) else [],
                 "text_features": corpus_features[torch.from_numpy(index).to(device)].cpu().numpy(),
                 "similarity": similarity.cpu().numpy().astype(np.float32),

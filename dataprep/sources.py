@@ -1,9 +1,13 @@
 """Readers of the raw sources, sentence cleaning, and the report of what was skipped and why.
 
 Sources:
-    OSCAR `coco_caption` JSON   list of {"image_id", "id", "caption"} (train/val/test_caption.json, Karpathy split)
+    OSCAR `coco_caption` JSON   list of {"image_id", "id", "caption"} (train/val/test_caption.json, Karpathy split);
+                                a row may name its image file ("file_name", "filename", "image" or "file_path")
+    official COCO captions      {"images": [{"id", "file_name"}], "annotations": [{"image_id", "id", "caption"}]}
+                                (captions_train2014.json)
     Karpathy JSON               {"images": [{"filename", "split", "sentences": [{"raw", "tokens"}]}]}
-                                (dataset_flickr30k.json; `restval` counts as train)
+                                (dataset_flickr30k.json, dataset_coco.json with "filepath" and "cocoid";
+                                `restval` counts as train)
     ShutterStock sentence dump  one sentence per line, a JSON list of strings, or the UIC `sentences.pkl`
                                 (a pickled list of token lists with <S> / </S>)
     GCC                         Train_GCC-training.tsv: caption <TAB> url, no header
@@ -28,6 +32,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 LISTED_PER_REASON = 10_000
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 SENTENCE_MARKERS = frozenset({"<S>", "</S>", "<s>", "</s>"})
+# Keys under which a caption row (or an official COCO image entry) names its image file.
+FILE_REFERENCE_KEYS = ("file_name", "filename", "image", "file_path")
 
 SKIP_REASONS = {
     "unreadable_row": "a row that is not valid JSON/TSV or lacks the expected fields",
@@ -39,7 +45,7 @@ SKIP_REASONS = {
     "duplicate_annotation_id": "an annotation id seen before",
     "duplicate_image_id": "an image id already used (in this or an earlier split)",
     "no_references": "a val/test image without a usable caption",
-    "missing_image_file": "no image file for the id under --images",
+    "missing_image_file": "no image file under --images, neither the one the captions name nor one named after the id",
     "corrupt_image": "an image file that cannot be decoded",
 }
 
@@ -89,6 +95,22 @@ class SkipReport:
         return f"{self.table}: kept {self.kept}, skipped {self.skipped}" + (f" ({reasons})" if reasons else "")
 
 
+@dataclass
+class CaptionFile:
+    """What a caption file says: image_id -> captions (file order), and image_id -> the image file it names, relative
+    to the images folder, where it names one."""
+
+    captions: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def add(self, image_id: str, text: str | None, file_reference: str | None = None) -> None:
+        self.captions.setdefault(image_id, [])
+        if text is not None:
+            self.captions[image_id].append(text)
+        if file_reference and image_id not in self.files:
+            self.files[image_id] = file_reference
+
+
 def _load_json(path: Path):
     try:
         with open(path, encoding="utf-8") as handle:
@@ -118,14 +140,18 @@ def _image_id(value) -> str | None:
     return text or None
 
 
-def read_oscar_captions(path: str | os.PathLike, report: SkipReport) -> dict[str, list[str]]:
-    """image_id -> captions (file order) of an OSCAR `coco_caption` file."""
-    path = Path(path)
-    entries = _load_json(path)
-    if not isinstance(entries, list):
-        raise DataPrepError(f"{path}: expected a JSON list of {{image_id, id, caption}} objects, "
-                            f"found a {type(entries).__name__}")
-    captions: dict[str, list[str]] = {}
+def _file_reference(entry: dict) -> str | None:
+    """The image file a caption row names, if it names one."""
+    for key in FILE_REFERENCE_KEYS:
+        value = entry.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _read_caption_rows(entries: list, path: Path, report: SkipReport, result: CaptionFile,
+                       files: dict[str, str] | None = None) -> CaptionFile:
+    """{image_id, id, caption} rows into `result`; `files` are image files named outside the rows (official COCO)."""
     seen_ids = set()
     for position, entry in enumerate(entries):
         where = f"{path.name}[{position}]"
@@ -140,10 +166,48 @@ def read_oscar_captions(path: str | os.PathLike, report: SkipReport) -> dict[str
                 continue
             seen_ids.add(annotation_id)
         text = _caption_text(entry.get("caption"), where, report)
-        captions.setdefault(image_id, [])
-        if text is not None:
-            captions[image_id].append(text)
-    return captions
+        result.add(image_id, text, _file_reference(entry) or (files or {}).get(image_id))
+    return result
+
+
+def _read_official_coco(data: dict, path: Path, report: SkipReport) -> CaptionFile:
+    """The official COCO captions format: `images` (id, file_name) and `annotations` (image_id, id, caption)."""
+    if not isinstance(data.get("annotations"), list):
+        raise DataPrepError(f"{path}: an official COCO captions file needs an 'annotations' list")
+    result, files = CaptionFile(), {}
+    for position, image in enumerate(data["images"]):
+        image_id = _image_id(image.get("id")) if isinstance(image, dict) else None
+        if image_id is None:
+            report.skip("unreadable_row", f"{path.name}:images[{position}]", "not an object with an id")
+            continue
+        files[image_id] = _file_reference(image)
+        # Images without a caption stay: a training image needs none, an evaluation one is counted as such.
+        result.add(image_id, None)
+    return _read_caption_rows(data["annotations"], path, report, result, files)
+
+
+def is_karpathy_split(data) -> bool:
+    """Karpathy's dataset_*.json: an `images` list whose entries carry `sentences` and a `split`."""
+    images = data.get("images") if isinstance(data, dict) else None
+    return (isinstance(images, list) and "annotations" not in data
+            and any(isinstance(image, dict) and "sentences" in image for image in images))
+
+
+def parse_captions(data, path: Path, report: SkipReport) -> CaptionFile:
+    """The captions of one split from parsed JSON: OSCAR's row list or the official COCO format."""
+    if isinstance(data, list):
+        return _read_caption_rows(data, path, report, CaptionFile())
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and not is_karpathy_split(data):
+        return _read_official_coco(data, path, report)
+    found = "a Karpathy split file" if is_karpathy_split(data) else f"a {type(data).__name__}"
+    raise DataPrepError(f"{path}: expected OSCAR's list of {{image_id, id, caption}} rows or the official COCO "
+                        f"captions format ({{images, annotations}}), found {found}")
+
+
+def read_oscar_captions(path: str | os.PathLike, report: SkipReport) -> CaptionFile:
+    """The captions of one split: an OSCAR `coco_caption` file, or a file in the official COCO captions format."""
+    path = Path(path)
+    return parse_captions(_load_json(path), path, report)
 
 
 def _karpathy_sentence(sentence) -> object:
@@ -155,14 +219,19 @@ def _karpathy_sentence(sentence) -> object:
     return " ".join(tokens) if isinstance(tokens, list) and all(isinstance(t, str) for t in tokens) else tokens
 
 
-def read_karpathy(path: str | os.PathLike, report: SkipReport) -> dict[str, dict[str, list[str]]]:
-    """split -> {image_id: captions} of a Karpathy `dataset_*.json`; restval joins train, image_id is the file stem."""
+def read_karpathy(path: str | os.PathLike, report: SkipReport, data=None) -> dict[str, CaptionFile]:
+    """split -> captions of a Karpathy `dataset_*.json`; restval joins train.
+
+    The image id is COCO's `cocoid` where given (dataset_coco.json), otherwise the file stem (Flickr30k's ids); the
+    image file is `filepath/filename` (`filename` alone where there is no `filepath`). `data` is the parsed file, when
+    the caller has read it already.
+    """
     path = Path(path)
-    data = _load_json(path)
+    data = _load_json(path) if data is None else data
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise DataPrepError(f"{path}: expected Karpathy's format, an object with an 'images' list")
-    splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}, "test": {}}
+    splits = {"train": CaptionFile(), "val": CaptionFile(), "test": CaptionFile()}
     seen: set[str] = set()
     for position, image in enumerate(images):
         where = f"{path.name}:images[{position}]"
@@ -171,18 +240,23 @@ def read_karpathy(path: str | os.PathLike, report: SkipReport) -> dict[str, dict
         if not isinstance(filename, str) or not filename.strip() or split is None:
             report.skip("unreadable_row", where, "needs a 'filename' and a 'split' in train/restval/val/test")
             continue
-        image_id = Path(filename.strip()).stem
+        image_id = _image_id(image.get("cocoid")) or Path(filename.strip()).stem
         if image_id in seen:
             report.skip("duplicate_image_id", where, image_id)
             continue
         seen.add(image_id)
-        references = []
+        folder = image.get("filepath")
+        file_reference = os.path.join(folder, filename.strip()) if isinstance(folder, str) else filename.strip()
+        splits[split].add(image_id, None, file_reference)
         for number, sentence in enumerate(image.get("sentences") or []):
-            text = _caption_text(_karpathy_sentence(sentence), f"{where}.sentences[{number}]", report)
-            if text is not None:
-                references.append(text)
-        splits[split][image_id] = references
+            splits[split].add(image_id, _caption_text(_karpathy_sentence(sentence), f"{where}.sentences[{number}]",
+                                                      report))
     return splits
+
+
+def load_caption_json(path: str | os.PathLike):
+    """A caption file's parsed JSON; a missing or unreadable file raises DataPrepError naming it."""
+    return _load_json(Path(path))
 
 
 def index_image_files(images_dir: str | os.PathLike) -> dict[str, str]:
@@ -209,11 +283,32 @@ def image_file_stems(image_id: str) -> list[str]:
     return stems
 
 
-def find_image_file(index: dict[str, str], image_id: str) -> str | None:
+def find_image_file(index: dict[str, str], image_id: str, images_dir: str | os.PathLike | None = None,
+                    file_reference: str | None = None) -> str | None:
+    """The image file of `image_id`, relative to `images_dir`: the file the caption file names (as a path below
+    `images_dir`, then by its stem anywhere below it), otherwise a file named after the id (`image_file_stems`)."""
+    if file_reference:
+        if images_dir is not None and (Path(images_dir) / file_reference).is_file():
+            return os.path.normpath(file_reference)
+        stem = os.path.splitext(os.path.basename(file_reference))[0]
+        if stem in index:
+            return index[stem]
     for stem in image_file_stems(image_id):
         if stem in index:
             return index[stem]
     return None
+
+
+def lookups_tried(image_id: str, images_dir: str | os.PathLike, file_reference: str | None = None) -> str:
+    """Where `find_image_file` looked for the image `image_id`, in words, for the message of a missing image."""
+    stems = image_file_stems(image_id)
+    places = []
+    if file_reference:
+        places.append(f"{Path(images_dir) / file_reference} (the file the captions name)")
+        stems = [os.path.splitext(os.path.basename(file_reference))[0]] + stems
+    names = " or ".join(f"{stem}.*" for stem in dict.fromkeys(stems))
+    places.append(f"a file named {names} anywhere below {images_dir}")
+    return "; ".join(places)
 
 
 # ---------------------------------------------------------------- corpora

@@ -21,33 +21,41 @@ import pyarrow as pa
 from datasets import Dataset, DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from .clip import check_clip_metadata, read_table_description
+from .clip import check_clip_metadata, norm_column, read_table_description
+
+NORMS = {norm_column("clip_features"): Value("float32")}
 
 
 def feature_column(dim: int) -> List:
     return List(Value("float32"), length=dim)
 
 
-def images_features(dim: int, with_agg: bool = False) -> Features:
+def images_features(dim: int, with_agg: bool = False, with_norms: bool = False) -> Features:
+    """Images table schema; `with_norms` adds `clip_features_norm`, the raw CLIP embedding's norm (dataprep.clip)."""
     columns = {
         "image_id": Value("string"),
         "file_name": Value("string"),
         "clip_features": feature_column(dim),
         "references": List(Value("string")),
+        **(NORMS if with_norms else {}),
     }
     if with_agg:
         columns["agg_text_features"] = feature_column(dim)
     return Features(columns)
 
 
-def corpus_features(dim: int) -> Features:
-    return Features({"text": Value("string"), "clip_features": feature_column(dim), "source": Value("string")})
+def corpus_features(dim: int, with_norms: bool = False) -> Features:
+    """Corpus table schema; `with_norms` adds `clip_features_norm`, the raw CLIP embedding's norm."""
+    return Features({"text": Value("string"), "clip_features": feature_column(dim), **(NORMS if with_norms else {}),
+                     "source": Value("string")})
 
 
-def pseudo_pairs_features(dim: int) -> Features:
+def pseudo_pairs_features(dim: int, with_norms: bool = False) -> Features:
+    """Pseudo-pairs schema; `with_norms` adds `clip_features_norm`, the raw image embedding's norm."""
     return Features({
         "image_id": Value("string"),
         "clip_features": feature_column(dim),
+        **(NORMS if with_norms else {}),
         "text": Value("string"),
         "text_features": feature_column(dim),
         "similarity": Value("float32"),

@@ -205,3 +205,13 @@ def test_what_cannot_be_published_is_named(trained_run, tmp_path, make_config, t
     with pytest.raises(SystemExit):
         main([str(trained_run), "--repo-id", REPO_ID, "--dataset-repo-id", DATASET_REPO_ID])
     assert "--dataset-repo-id needs --tables" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip_embedding, said", [("normalized", "(16-d, L2-normalised)"),
+                                                  ("raw", "(16-d, raw encode_image output)")])
+def test_model_card_names_the_clip_embedding_the_model_reads(clip_embedding, said):
+    from hub_upload import _model_section
+
+    config = {"clip_model_name": "ViT-B-32", "clip_pretrained": "openai", "prefix_dim": 16, "prefix_length": 4,
+              "mapping_type": "mlp", "clip_embedding": clip_embedding, "decoder_config": {"n_layer": 2}}
+    assert said in _model_section(config, {}, clip_bundled=False)

@@ -13,8 +13,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import TINY_CLIP, make_tiny_clip
-from dataprep.clip import (ClipMismatchError, check_clip_metadata, clip_metadata, encode_images, encode_texts,
-                           load_clip, read_clip_metadata)
+from dataprep.clip import (ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata, encode_images,
+                           encode_texts, load_clip, model_prefix_features, read_clip_metadata, table_prefix_features)
 from dataprep.common import RunOptions
 from dataprep.corpus import split_for_pretraining
 from dataprep.neighbors import aggregated_targets, nearest_sentences
@@ -90,7 +90,7 @@ def test_coco_tables_schema_metadata_counts_report_and_references(tmp_path, coco
     train, val, test = (datasets.load_from_disk(str(group / split)) for split in ("train", "val", "test"))
 
     assert train.features["clip_features"] == datasets.List(datasets.Value("float32"), length=DIM)
-    assert set(train.column_names) == {"image_id", "file_name", "clip_features", "references"}
+    assert set(train.column_names) == {"image_id", "file_name", "clip_features", "clip_features_norm", "references"}
     assert train[:]["image_id"] == ["1", "2", "3"]
     assert train[:]["references"] == [[], [], []]
     assert train[2]["file_name"] == os.path.join("val2014", f"COCO_val2014_{3:012d}.jpg")
@@ -106,6 +106,12 @@ def test_coco_tables_schema_metadata_counts_report_and_references(tmp_path, coco
     expected = encode_images(model, preprocess, [str(coco_raw[0] / name) for name in train[:]["file_name"]])
     np.testing.assert_allclose(np.array(train[:]["clip_features"]), expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.array(val[:]["clip_features"]), axis=1), 1.0, atol=1e-5)
+    # The norm beside each normalised feature gives encode_image's raw output back (what ClipCap's weights read).
+    raw = encode_images(model, preprocess, [str(coco_raw[0] / name) for name in train[:]["file_name"]],
+                        normalize=False)
+    restored = np.array(train[:]["clip_features"]) * np.array(train[:]["clip_features_norm"])[:, None]
+    np.testing.assert_allclose(restored, raw.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(raw.norm(dim=1).numpy(), 1.0, atol=1e-2)
 
     assert load_report(group / "train")["skipped_by_reason"] == {
         "duplicate_annotation_id": 1, "duplicate_image_id": 1, "empty": 1, "missing_image_file": 1,
@@ -187,6 +193,113 @@ def test_flickr30k_from_karpathy_json(tmp_path, clip_name):
         "duplicate_image_id": 1, "empty": 1, "unreadable_row": 1}
 
 
+@pytest.fixture
+def own_images(tmp_path):
+    """A user's own images, in folders and with names that follow no convention: image id -> path below the root."""
+    files = {"7": "val/0007.jpg", "8": "val/sub/eight.png", "9": "holiday/beach.jpg"}
+    for number, (image_id, name) in enumerate(files.items()):
+        write_image(tmp_path / "mine" / name, number, "PNG" if name.endswith(".png") else "JPEG")
+    return tmp_path / "mine", files
+
+
+def run_coco_on(annotations, images, output, clip_name, *extra):
+    return main(["coco", "--images", str(images), "--annotations", str(annotations), "--output", str(output),
+                 "--clip-model", clip_name, "--num-workers", "0", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("key", ["file_name", "filename", "image", "file_path"])
+def test_caption_rows_that_name_their_files_find_every_image(tmp_path, own_images, clip_name, key):
+    root, files = own_images
+    rows = [{"image_id": int(image_id), "id": number, key: name, "caption": f"Picture {image_id}."}
+            for number, (image_id, name) in enumerate(files.items())]
+    rows[2][key] = "elsewhere/beach.jpg"  # a stale folder: the file is still found by its name below --images
+    (tmp_path / "captions.json").write_text(json.dumps(rows))
+
+    assert run_coco_on(tmp_path / "captions.json", root, tmp_path / "out", clip_name, "--name", "mine") == 0
+
+    test = datasets.load_from_disk(str(tmp_path / "out" / "mine" / "test"))
+    assert dict(zip(test[:]["image_id"], test[:]["file_name"])) == files
+    assert load_report(tmp_path / "out" / "mine" / "test")["skipped"] == 0
+
+
+def test_official_coco_captions_format_finds_every_image(tmp_path, own_images, clip_name):
+    root, files = own_images
+    official = {"info": {}, "licenses": [], "images": [{"id": int(i), "file_name": name} for i, name in files.items()],
+                "annotations": [{"image_id": int(i), "id": n, "caption": f"Picture {i}."}
+                                for n, i in enumerate(files)]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(official))
+
+    assert run_coco_on(tmp_path / "captions_val2014.json", root, tmp_path / "out", clip_name, "--split", "val") == 0
+
+    val = datasets.load_from_disk(str(tmp_path / "out" / "coco" / "val"))
+    assert dict(zip(val[:]["image_id"], val[:]["file_name"])) == files
+    assert val[:]["references"] == [[f"Picture {i}."] for i in files]
+    assert not (tmp_path / "out" / "coco" / "test").exists()
+
+
+def test_karpathy_coco_split_json_finds_every_image(tmp_path, clip_name):
+    images = tmp_path / "coco"
+    entries = []
+    for number, (cocoid, split, folder) in enumerate(((9, "train", "train2014"), (15, "restval", "val2014"),
+                                                      (42, "val", "val2014"), (77, "test", "val2014"))):
+        name = f"COCO_{folder}_{cocoid:012d}.jpg"
+        write_image(images / folder / name, number)
+        entries.append({"filepath": folder, "filename": name, "cocoid": cocoid, "split": split,
+                        "sentences": [{"raw": f"Image {cocoid} number {k}.", "tokens": []} for k in range(2)]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": entries}))
+
+    assert run_coco_on(tmp_path / "dataset_coco.json", images, tmp_path / "out", clip_name) == 0
+
+    group = tmp_path / "out" / "coco"
+    found = {split: datasets.load_from_disk(str(group / split))[:]["image_id"] for split in ("train", "val", "test")}
+    assert found == {"train": ["9", "15"], "val": ["42"], "test": ["77"]}
+    references = json.loads((group / "test_references.json").read_text())
+    assert references["images"] == [{"id": "77", "file_name": os.path.join("val2014", "COCO_val2014_000000000077.jpg")}]
+
+
+def test_images_found_nowhere_name_the_lookups_and_an_example_path(tmp_path, own_images, clip_name, capsys):
+    root, files = own_images
+    rows = [{"image_id": image_id, "id": n, "file_name": f"gone/{image_id}.jpg", "caption": "A picture."}
+            for n, image_id in enumerate(files)]
+    (tmp_path / "captions.json").write_text(json.dumps(rows))
+
+    assert run_coco_on(tmp_path / "captions.json", root, tmp_path / "out", clip_name) == 2
+
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert "no image file found for any of the 3 images" in error
+    assert str(root / "gone" / "7.jpg") in error and "COCO_val2014_000000000007.*" in error
+    assert "--images" in error
+
+
+def test_model_features_from_tables_as_the_model_reads_them(tmp_path, coco_raw, clip_name, make_config):
+    assert run_coco(coco_raw, tmp_path / "out", clip_name) == 0
+    table_path = tmp_path / "out" / "coco" / "train"
+    train = datasets.load_from_disk(str(table_path))
+    model, preprocess, _ = load_clip(clip_name)
+    paths = [str(coco_raw[0] / name) for name in train[:]["file_name"]]
+    raw = encode_images(model, preprocess, paths, normalize=False)
+    normalised = encode_images(model, preprocess, paths)
+
+    ours = make_config(prefix_dim=DIM)
+    clipcap = make_config(prefix_dim=DIM, clip_embedding="raw")
+    self_normalising = make_config(prefix_dim=DIM, clip_embedding="raw", normalize_prefix=True)
+    torch.testing.assert_close(table_prefix_features(train, ours), normalised, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(table_prefix_features(train, clipcap), raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(table_prefix_features(train, self_normalising), normalised, atol=1e-5, rtol=1e-5)
+    raw_rows = model_prefix_features(raw, ours, normalized=False)
+    torch.testing.assert_close(raw_rows, normalised, atol=1e-5, rtol=1e-5)
+
+    # A table made before norms were recorded feeds our models, and refuses ClipCap's with what to do.
+    old = train.remove_columns("clip_features_norm")
+    check_model_features(old, ours, "old table")
+    with pytest.raises(ClipMismatchError, match=r"old table stores L2-normalised .* prepare_datasets\.py --overwrite"):
+        check_model_features(old, clipcap, "old table")
+    with pytest.raises(ClipMismatchError, match=rf"train table {table_path} holds {DIM}-d features .* reads 32-d"):
+        check_model_features(table_path, make_config(prefix_dim=32), "train table")
+    check_model_features(table_path, clipcap, "train table")
+
+
 def run_corpus(tmp_path, clip_name, source, path, *extra, output="out"):
     return main(["corpus", "--source", source, "--input", str(path), "--output", str(tmp_path / output),
                  "--clip-model", clip_name, "--batch-size", "3", "--num-workers", "0", "--no-progress", *extra])
@@ -206,6 +319,8 @@ def test_shutterstock_corpus_cleaning_features_and_report(tmp_path, clip_name):
     model, _, tokenizer = load_clip(clip_name)
     np.testing.assert_allclose(np.array(corpus[:]["clip_features"]),
                                encode_texts(model, tokenizer, corpus[:]["text"]).numpy(), atol=1e-5)
+    raw = encode_texts(model, tokenizer, corpus[:]["text"], normalize=False)
+    np.testing.assert_allclose(corpus[:]["clip_features_norm"], raw.norm(dim=1).numpy(), rtol=1e-5)
     report = load_report(table)
     assert report["skipped_by_reason"] == {"duplicate_sentence": 1, "empty": 1, "too_long": 1}
     assert report["skipped_items"]["duplicate_sentence"][0]["item"] == "sentences.txt:3"
@@ -302,6 +417,7 @@ def test_aggregate_equals_a_direct_computation(tmp_path, images_and_corpus):
     direct = torch.nn.functional.normalize(weights @ corpus_features, dim=1)
     np.testing.assert_allclose(table_matrix(aggregated, "agg_text_features").numpy(), direct.numpy(), atol=1e-5)
     assert json.loads(aggregated.info.description)["aggregation"]["temperature"] == 7.0
+    assert aggregated[:]["clip_features_norm"] == images[:]["clip_features_norm"]
 
 
 def test_online_softmax_over_chunks_matches_one_softmax():
@@ -330,7 +446,10 @@ def test_pseudo_pairs_pick_the_nearest_sentence(tmp_path, images_and_corpus):
     assert main(["pseudo-pairs", "--images", str(images_path), "--corpus", str(corpus_path), "--output",
                  str(tmp_path / "pairs"), "--no-progress"]) == 0
     pairs = datasets.load_from_disk(str(tmp_path / "pairs"))
-    assert set(pairs.column_names) == {"image_id", "clip_features", "text", "text_features", "similarity"}
+    assert set(pairs.column_names) == {"image_id", "clip_features", "clip_features_norm", "text", "text_features",
+                                       "similarity"}
+    images = datasets.load_from_disk(str(images_path))
+    assert pairs[:]["clip_features_norm"] == images[:]["clip_features_norm"]
     corpus = datasets.load_from_disk(str(corpus_path))
     similarity = table_matrix(pairs) @ table_matrix(corpus).T
     assert pairs[:]["text"] == [corpus[int(i)]["text"] for i in similarity.argmax(1)]
@@ -377,7 +496,7 @@ def test_shapes_world_tables_are_deterministic(tmp_path):
         assert len(first) > 0
         assert first.to_dict() == second.to_dict(), key
     train = datasets.load_from_disk(manifests[0]["train"])
-    assert all(len(references) == 1 for references in train[:]["references"])
+    assert all(train[:]["references"]), "the shapes world keeps the train references (supervised bound)"
     assert read_clip_metadata(train)["model_name"] == manifests[0]["clip_model"]
     test_references = json.loads(open(manifests[0]["test_references"]).read())
     assert len(test_references["annotations"]) == 5 * len(test_references["images"])

@@ -227,6 +227,36 @@ def test_prefix_page_names_a_missing_image_file(tmp_path, tables, captioner_dir,
     assert "image_0" in error and "test/image_0.png" in error and "--images-dir" in error
 
 
+def test_prefix_page_feeds_a_raw_reading_model_raw_embeddings(tmp_path, tables, make_config, tiny_tokenizer,
+                                                               clip_name, loaded_clip, capsys):
+    """A converted ClipCap reads encode_image's raw output: the page captions what the table's features times their
+    norms give, and a table without norms is refused in one line."""
+    torch.manual_seed(0)
+    model = SCSTClipCapForCaptioning(make_config(clip_model_name=clip_name, clip_pretrained=None,
+                                                 clip_embedding="raw")).eval()
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    paths = [tables["images_dir"] / f"test/image_{index}.png" for index in range(2)]
+    raw = encode_images(loaded_clip.model, loaded_clip.preprocess, paths, normalize=False)
+    with TableWriter(tmp_path / "images", images_features(DIM, with_norms=True),
+                     table_description("images", loaded_clip.metadata)) as writer:
+        writer.write({"image_id": ["image_0", "image_1"], "file_name": [str(path) for path in paths],
+                      "clip_features": torch.nn.functional.normalize(raw, dim=-1).numpy(),
+                      "clip_features_norm": raw.norm(dim=-1).numpy(), "references": [[], []]})
+        writer.finish()
+    output = tmp_path / "page.html"
+    argv = ["--model", str(tmp_path / "model"), "--output", str(output), "--device", "cpu", "--images-table"]
+
+    assert prefix_tokens.main(argv + [str(tmp_path / "images")]) == 0
+    captions = [image["caption"] for image in json.loads(output.with_suffix(".json").read_text())["images"]]
+    assert captions == prefix_tokens.greedy_captions(model, tiny_tokenizer, raw)
+
+    capsys.readouterr()
+    assert prefix_tokens.main(argv + [str(tables["images"])]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
+    assert error.startswith("error: the images table") and "without their norms" in error and "--overwrite" in error
+
+
 # --- fictitious embeddings -----------------------------------------------------------------------------------------
 
 def unit_rows(count: int, dim: int, seed: int) -> torch.Tensor:
@@ -344,3 +374,15 @@ def test_fictitious_cli_refuses_a_corpus_of_another_clip(tmp_path, tables, capti
             str(tmp_path / "corpus"), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
     assert fictitious.main(argv) == 2
     assert "corpus table" in capsys.readouterr().err
+
+
+def test_fictitious_cli_refuses_a_model_that_reads_raw_embeddings(tmp_path, tables, make_config, tiny_tokenizer,
+                                                                  clip_name, capsys):
+    model = SCSTClipCapForCaptioning(make_config(clip_model_name=clip_name, clip_pretrained=None,
+                                                 clip_embedding="raw"))
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--images-table", str(tables["images"]), "--corpus-table",
+            str(tables["corpus"]), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert fictitious.main(argv) == 2
+    assert "reads raw CLIP embeddings" in capsys.readouterr().err

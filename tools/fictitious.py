@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import LoadedClip, encode_images, read_clip_metadata  # noqa: E402
+from dataprep.clip import LoadedClip, encode_images, model_reads, read_clip_metadata  # noqa: E402
 from dataprep.common import table_description  # noqa: E402
 from dataprep.tables import feature_column, feature_matrix, iter_feature_chunks, load_table, save_table  # noqa: E402
 from tools.captions_page import png_data_uri  # noqa: E402
@@ -384,6 +384,9 @@ def run(args: argparse.Namespace) -> dict:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_captioner(args.model, args.device)
+    if model_reads(model.config) == "raw":
+        raise ValueError(f"{args.model} reads raw CLIP embeddings (clip_embedding='raw'), and fictitious embeddings "
+                         "are unit vectors without a raw norm: use a model that reads normalised embeddings")
     expected = model_clip_metadata(model.config)
     images = load_table(args.images_table, expected, "images table")
     corpus = load_table(args.corpus_table, expected, "corpus table")

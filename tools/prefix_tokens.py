@@ -25,8 +25,8 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import clip_metadata  # noqa: E402
-from dataprep.tables import feature_matrix, load_table  # noqa: E402
+from dataprep.clip import clip_metadata, table_prefix_features  # noqa: E402
+from dataprep.tables import load_table  # noqa: E402
 from modeling_scstclipcap import SCSTClipCapForCaptioning  # noqa: E402
 
 DISTANCES = ("euclidean", "cosine", "dot")
@@ -162,7 +162,9 @@ def write_prefix_page(output: str | Path, entries: list[dict], summary: dict) ->
     return output, json_path
 
 
-def _table_rows(table, num_images: int, table_path) -> tuple[list[str], list[str], torch.Tensor]:
+def _table_rows(table, num_images: int, table_path, config) -> tuple[list[str], list[str], torch.Tensor]:
+    """Ids, file names and the CLIP embeddings the model reads (normalised or raw, `config.clip_embedding`) of the
+    first `num_images` rows."""
     missing = {"image_id", "clip_features"} - set(table.column_names)
     if missing:
         raise ValueError(f"{table_path}: not an images table (no column {', '.join(sorted(missing))})")
@@ -171,7 +173,8 @@ def _table_rows(table, num_images: int, table_path) -> tuple[list[str], list[str
         raise ValueError(f"{table_path}: the table has no rows")
     rows = table.select(range(count))
     file_names = rows["file_name"] if "file_name" in rows.column_names else [""] * count
-    return list(rows["image_id"]), list(file_names), torch.from_numpy(feature_matrix(rows))
+    features = table_prefix_features(rows, config, what=f"the images table {table_path}")
+    return list(rows["image_id"]), list(file_names), features
 
 
 def _image_uri(images_dir: Path, file_name: str, image_id: str, table_path) -> str:
@@ -197,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[Path, Path]:
     model, tokenizer = load_captioner(args.model, args.device)
     table = load_table(args.images_table, model_clip_metadata(model.config), "images table")
-    image_ids, file_names, features = _table_rows(table, args.num_images, args.images_table)
+    image_ids, file_names, features = _table_rows(table, args.num_images, args.images_table, model.config)
     captions = greedy_captions(model, tokenizer, features)
     neighbours = prefix_neighbours(model, tokenizer, features, args.k)
     entries = []
