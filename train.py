@@ -36,7 +36,9 @@ from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
 
 from configuration_scstclipcap import SCSTClipCapConfig
-from dataprep.clip import LoadedClip, check_clip_metadata, describe_clip, read_clip_metadata
+from dataprep.clip import (
+    ClipMismatchError, LoadedClip, check_clip_metadata, check_model_features, describe_clip, read_clip_metadata,
+)
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
 from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
@@ -220,6 +222,23 @@ def check_tables_share_a_clip(tables: dict[str, str], model_config: SCSTClipCapC
     return first
 
 
+def check_tables_feed_the_model(tables: dict[str, str | None], model_config: SCSTClipCapConfig, training: bool):
+    """Every table's features can feed the model (its prefix_dim, and the CLIP embedding it reads: raw or
+    normalised). The training stages feed the tables' normalised features as they are, so they refuse a model that
+    reads raw embeddings (a converted ClipCap / CgT-GAN model: caption and evaluate it, or convert it with
+    --normalize-prefix)."""
+    if training and model_config.clip_embedding != "normalized":
+        raise SystemExit(f"the model reads raw CLIP embeddings (clip_embedding={model_config.clip_embedding!r}) but "
+                         "the training stages feed the tables' normalised ones: evaluate or caption with it, or "
+                         "train a model that reads normalised embeddings")
+    for name, path in tables.items():
+        if path is not None:
+            try:
+                check_model_features(path, model_config, f"the {name} table {path}")
+            except ClipMismatchError as error:
+                raise SystemExit(str(error))
+
+
 def stage_dir(config: InitConfig, stage: str) -> Path:
     return Path(config.output_dir) / stage
 
@@ -386,6 +405,7 @@ def run_training_stage(script: ScriptArguments, config: InitConfig, state: Parti
     clip_meta = check_tables_share_a_clip(tables)
     model = build_model(script, run_dir, clip_meta, tokenizer)
     check_tables_share_a_clip(tables, model.config)
+    check_tables_feed_the_model(tables, model.config, training=True)
     pseudo_pairs = load_table(script.pseudo_pairs_table, "pseudo_pairs") if config.pseudo_pair_weight > 0 else None
     images = load_table(script.train_table, "train") if config.mmd_weight > 0 else None
     trainer = InitTrainer(
@@ -406,8 +426,9 @@ def run_scst_stage(script: ScriptArguments, config: SCSTConfig, state: PartialSt
                          "--model_name_or_path")
     tokenizer = load_tokenizer(script, run_dir)
     model = SCSTClipCapForCaptioning.from_pretrained(source)
-    check_tables_share_a_clip({"train": script.train_table, "corpus": script.corpus_table,
-                               "val": script.val_table}, model.config)
+    tables = {"train": script.train_table, "corpus": script.corpus_table, "val": script.val_table}
+    check_tables_share_a_clip(tables, model.config)
+    check_tables_feed_the_model({"train": script.train_table, "val": script.val_table}, model.config, training=True)
     clip = frozen_clip(model.config.clip_model_name, model.config.clip_pretrained, str(config.device))
     trainer = SCSTTrainer(
         model=model, args=config, images=load_table(script.train_table, "train"),
@@ -465,6 +486,7 @@ def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialSt
         raise SystemExit(f"cannot load the model {model_dir}: {reason} (pass a model folder written by train.py or "
                          "convert_checkpoint.py, or a Hub id)")
     check_tables_share_a_clip({"test": script.test_table}, model.config)
+    check_tables_feed_the_model({"test": script.test_table}, model.config, training=False)
     output_dir = Path(model_dir)
     evaluator = make_evaluator(script, config, tokenizer, "test", output_dir)
     from accelerate import Accelerator

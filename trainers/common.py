@@ -9,6 +9,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer, TrainingArguments
 
+from dataprep.clip import table_prefix_features
 from metrics import compute_coco_metrics
 
 
@@ -134,7 +135,7 @@ class CaptionEvaluator:
     ):
         self.images = images
         self.image_ids = list(images["image_id"])
-        self.features = torch.tensor(images["clip_features"], dtype=torch.float32)
+        self._features = {}
         self.references = dict(zip(self.image_ids, images["references"]))
         if not all(self.references.values()):
             missing = [image_id for image_id, refs in self.references.items() if not refs][:3]
@@ -146,11 +147,19 @@ class CaptionEvaluator:
         self.extra_metrics = extra_metrics or []
         self.spice = spice
 
+    def prefix_features(self, config) -> torch.Tensor:
+        """(N, D) the images' CLIP embeddings as a model with `config` reads them (raw or L2-normalised)."""
+        embedding = getattr(config, "clip_embedding", "normalized")
+        if embedding not in self._features:
+            self._features[embedding] = table_prefix_features(self.images, config, what="evaluation images table")
+        return self._features[embedding]
+
     @torch.no_grad()
     def caption(self, model, indices: list[int]) -> list[str]:
+        features = self.prefix_features(model.config)
         captions = []
         for start in range(0, len(indices), self.batch_size):
-            batch = self.features[indices[start : start + self.batch_size]]
+            batch = features[indices[start : start + self.batch_size]]
             captions += model.generate_captions(batch, tokenizer=self.tokenizer, **self.generation_kwargs)
         return captions
 
