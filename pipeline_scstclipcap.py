@@ -17,6 +17,7 @@ Making a saved folder pipeline-ready (config entry, this file, the bundled CLIP 
     python -c "from pipeline_scstclipcap import make_pipeline_ready; make_pipeline_ready('runs/shapes/init/final')"
 """
 
+import functools
 import json
 import os
 import shutil
@@ -49,13 +50,21 @@ def _import_open_clip():
     try:
         import open_clip
     except ImportError as error:
-        raise ImportError("Captioning images needs open_clip: `pip install open_clip_torch`.") from error
+        raise ImportError("The CLIP is an open_clip model: `pip install open_clip_torch`.") from error
     return open_clip
 
 
-def _checkpoint_file(pretrained: str | None) -> str | None:
-    """What open_clip should load for `pretrained`: a tag or file as is, a `hf-hub:` checkpoint downloaded."""
-    if pretrained and pretrained.startswith(HF_HUB):
+def has_schema(model_name: str) -> bool:
+    """True for `local-dir:` / `hf-hub:` names, whose weights come with the model source."""
+    return model_name.startswith((LOCAL_DIR, HF_HUB))
+
+
+def _checkpoint_file(model_name: str, pretrained: str | None) -> str | None:
+    """What open_clip should load for `pretrained`: a tag or file as is, a `hf-hub:` checkpoint downloaded, nothing
+    for a model name that brings its weights."""
+    if has_schema(model_name) or not pretrained:
+        return None
+    if pretrained.startswith(HF_HUB):
         from open_clip.pretrained import download_pretrained_from_hf
 
         return download_pretrained_from_hf(pretrained[len(HF_HUB) :])
@@ -98,32 +107,37 @@ def bundled_clip_folder(name_or_path: str | os.PathLike | None, revision: str | 
 
 @dataclass
 class CaptioningClip:
-    """The frozen open_clip model whose image embeddings a captioner reads, with its eval transform.
+    """A frozen open_clip model with its eval transform and tokenizer: the project's one CLIP loader, used to caption
+    images, prepare tables, score captions (rewards, CLIP-S) and by the tools.
 
-    `reference` is the open_clip model name it was loaded from (`local-dir:/path`, `ViT-B-32`, `hf-hub:org/repo`).
+    `reference` is the open_clip model name it was loaded from (`local-dir:/path`, `ViT-B-32`, `hf-hub:org/repo`),
+    `pretrained` the weights of a built-in architecture (`openai`, a checkpoint file, `hf-hub:ID`).
     """
 
     model: torch.nn.Module
     preprocess: Callable
     reference: str
+    pretrained: str | None = None
 
     @classmethod
     def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-        """Load an open_clip model: `load("ViT-B-32", "openai")`, `load("local-dir:path/to/clip")`, ..."""
-        has_weights = model_name.startswith((LOCAL_DIR, HF_HUB))
-        if not has_weights and not pretrained:
-            raise ValueError(f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint "
-                             "file or hf-hub:ID): random weights would give meaningless captions.")
+        """Load an open_clip model: `load("ViT-B-32", "openai")`, `load("local-dir:path/to/clip")`, ...
+
+        `pretrained` is ignored for `local-dir:` and `hf-hub:` model names. A built-in architecture without
+        `pretrained` is refused: its random weights would give meaningless features.
+        """
+        if not has_schema(model_name) and not pretrained:
+            raise ValueError(
+                f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint file or "
+                "hf-hub:ID), or a 'local-dir:' or 'hf-hub:' model name that brings its own: random weights would give "
+                "meaningless features.")
         if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR) :]).is_dir():
-            raise FileNotFoundError(
-                f"The captioner's CLIP folder {model_name[len(LOCAL_DIR):]} is not there (a path relative to where "
-                "the model was trained?). Bundle it into the model folder with "
-                "pipeline_scstclipcap.bundle_clip(model_dir, 'local-dir:/path/to/clip'), or pass clip=...")
+            raise FileNotFoundError(f"The CLIP folder {model_name[len(LOCAL_DIR):]} is not there.")
         open_clip = _import_open_clip()
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=None if has_weights else _checkpoint_file(pretrained), device=device)
+            model_name, pretrained=_checkpoint_file(model_name, pretrained), device=device)
         model.eval().requires_grad_(False)
-        return cls(model, preprocess, model_name)
+        return cls(model, preprocess, model_name, pretrained)
 
     @classmethod
     def for_captioner(cls, config, name_or_path: str | os.PathLike | None = None, *, revision: str | None = None,
@@ -133,7 +147,18 @@ class CaptioningClip:
         bundled = bundled_clip_folder(name_or_path, revision=revision, token=token)
         if bundled is not None:
             return cls.load(LOCAL_DIR + str(bundled), device=device)
-        return cls.load(config.clip_model_name, config.clip_pretrained, device=device)
+        try:
+            return cls.load(config.clip_model_name, config.clip_pretrained, device=device)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error} The captioner's CLIP may be named by a path relative to where the model was trained: "
+                "bundle it into the model folder with pipeline_scstclipcap.bundle_clip(model_dir, "
+                "'local-dir:/path/to/clip'), or pass clip=...") from None
+
+    @functools.cached_property
+    def tokenizer(self) -> Callable:
+        """open_clip's tokenizer of this CLIP, loaded on first use (captioning images needs none)."""
+        return _import_open_clip().get_tokenizer(self.reference)
 
     @property
     def device(self) -> torch.device:
@@ -172,6 +197,13 @@ class CaptioningClip:
             for start in range(0, len(images), batch_size)
         ]
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Float32 text embeddings `(N, D)` of `texts`, cut at CLIP's context length; L2-normalised unless
+        `normalize=False`."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=normalize).float()
 
 
 class SCSTClipCapPipeline(Pipeline):

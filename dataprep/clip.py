@@ -1,9 +1,11 @@
-"""open_clip loading, the CLIP metadata every table carries, and batched feature extraction.
+"""The CLIP metadata every table carries, and batched feature extraction.
 
-Any open_clip model works: a built-in architecture with a pretrained tag or checkpoint file
-(`load_clip("ViT-B-32", "openai")`, `load_clip("ViT-B-32", "/ckpt/epoch_32.pt")`), weights from
-the Hugging Face Hub (`load_clip("ViT-B-32", "hf-hub:org/repo")` or `load_clip("hf-hub:org/repo")`),
-or an open_clip folder (`load_clip("local-dir:data/shapes/raw/clip")`).
+CLIPs are loaded by the one loader that ships with the model, `pipeline_scstclipcap.CaptioningClip`; here
+`LoadedClip.load` adds the metadata its tables get, and `load_clip` gives its open_clip parts. Any open_clip model
+works: a built-in architecture with a pretrained tag or checkpoint file (`load_clip("ViT-B-32", "openai")`,
+`load_clip("ViT-B-32", "/ckpt/epoch_32.pt")`), weights from the Hugging Face Hub
+(`load_clip("ViT-B-32", "hf-hub:org/repo")` or `load_clip("hf-hub:org/repo")`), or an open_clip folder
+(`load_clip("local-dir:data/shapes/raw/clip")`).
 
 Metadata stored with every table (JSON in `DatasetInfo.description`, under the key "clip", which
 survives save_to_disk / load_from_disk, select, map, shuffle, add_column and concatenation):
@@ -34,21 +36,20 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline_scstclipcap import LOCAL_DIR, CaptioningClip, has_schema, open_image
+
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
-LOCAL_DIR = "local-dir:"
-HF_HUB = "hf-hub:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 NORM_SUFFIX = "_norm"
 _HASH_CHUNK = 1 << 22
@@ -58,39 +59,11 @@ class ClipMismatchError(ValueError):
     """A table was made with another CLIP than the model or the other tables it is used with."""
 
 
-def has_schema(model_name: str) -> bool:
-    """True for `local-dir:` / `hf-hub:` names, whose weights come with the model source."""
-    return model_name.startswith((LOCAL_DIR, HF_HUB))
-
-
-def _checkpoint_path(model_name: str, pretrained: str | None) -> str | None:
-    """The local file open_clip should load for `pretrained`, downloading a `hf-hub:` checkpoint."""
-    if has_schema(model_name) or not pretrained:
-        return None
-    if pretrained.startswith(HF_HUB):
-        from open_clip.pretrained import download_pretrained_from_hf
-
-        return download_pretrained_from_hf(pretrained[len(HF_HUB):])
-    return pretrained
-
-
 def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-    """Load an open_clip model in eval mode, frozen. Returns (model, preprocess, tokenizer).
-
-    `pretrained` is a tag (`openai`), a checkpoint file or `hf-hub:ID`; it is ignored for
-    `local-dir:` and `hf-hub:` model names. A built-in architecture without `pretrained` is
-    refused: its random weights would give meaningless features.
-    """
-    if not has_schema(model_name) and not pretrained:
-        raise ValueError(
-            f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint file "
-            f"or hf-hub:ID); use a 'local-dir:' or 'hf-hub:' model name for a self-contained model")
-    if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR):]).is_dir():
-        raise FileNotFoundError(f"CLIP folder not found: {model_name[len(LOCAL_DIR):]}")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=_checkpoint_path(model_name, pretrained), device=device)
-    model.eval().requires_grad_(False)
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    """(model, preprocess, tokenizer) of the frozen CLIP [`CaptioningClip.load`] loads, for code that works on the
+    open_clip parts."""
+    clip = CaptioningClip.load(model_name, pretrained, device)
+    return clip.model, clip.preprocess, clip.tokenizer
 
 
 def _sha256_of_files(paths: Sequence[Path]) -> str:
@@ -321,21 +294,13 @@ def _logit_scale(model: torch.nn.Module) -> float | None:
     return None if scale is None else float(scale.detach().exp().reshape(-1)[0])
 
 
-@dataclass
-class LoadedClip:
-    """A frozen open_clip model with its preprocessing, tokenizer and the metadata its tables get."""
+class LoadedClip(CaptioningClip):
+    """The frozen CLIP of [`CaptioningClip.load`] with the metadata its tables get (`LoadedClip.load(...)`)."""
 
-    model: torch.nn.Module
-    preprocess: Callable
-    tokenizer: Callable
-    metadata: dict
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-        model, preprocess, tokenizer = load_clip(model_name, pretrained, device)
-        meta = clip_metadata(model_name, pretrained, embedding_dim(model, tokenizer), True, _logit_scale(model))
-        return cls(model, preprocess, tokenizer, meta, torch.device(device))
+    @functools.cached_property
+    def metadata(self) -> dict:
+        dim = embedding_dim(self.model, self.tokenizer)
+        return clip_metadata(self.reference, self.pretrained, dim, True, _logit_scale(self.model))
 
 
 @dataclass
@@ -347,14 +312,6 @@ class FeatureBatch:
     features: torch.Tensor
     norms: torch.Tensor
     failures: list[tuple[int, str, str]]
-
-
-def _open_rgb(image: "str | os.PathLike | Image.Image") -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    with Image.open(image) as opened:
-        opened.load()
-        return opened.copy()
 
 
 class _ImageInputs(Dataset):
@@ -369,11 +326,13 @@ class _ImageInputs(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = _open_rgb(self.images[index])
+            image = open_image(self.images[index])
         except FileNotFoundError as error:
             return index, None, ("missing_image_file", str(error))
-        except Exception as error:  # a corrupt file raises anything from OSError to zlib/struct errors
-            return index, None, ("corrupt_image", f"{type(error).__name__}: {error}")
+        except ValueError as error:
+            # The report names the file already: it keeps the decoder's own error.
+            cause = error.__cause__ or error
+            return index, None, ("corrupt_image", f"{type(cause).__name__}: {cause}")
         return index, self.preprocess(image), None
 
 

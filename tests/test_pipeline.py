@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from conftest import make_tiny_clip, run_script_outside_the_project, tiny_decoder_config
 
-from dataprep.clip import encode_images, load_clip
+from dataprep.clip import LoadedClip, clip_metadata, encode_images, encode_texts, load_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import (
     PIPELINE_TASK,
@@ -211,6 +211,22 @@ def test_bundled_clip_wins_over_the_config_reference(model_dir, clip_name, image
         CaptioningClip.for_captioner(config, tmp_path / "folder_without_clip")
     with pytest.raises(ValueError, match="Only a local-dir: CLIP can be bundled"):
         bundle_clip(model_dir, "ViT-B-32")
+
+
+def test_the_captioning_clip_is_the_one_tables_rewards_and_clip_s_load(clip_name, image_paths, tmp_path):
+    clip = LoadedClip.load(clip_name)
+    assert isinstance(clip, CaptioningClip)
+    model, preprocess, tokenizer = load_clip(clip_name)
+    torch.testing.assert_close(clip.encode_images(image_paths, batch_size=3),
+                               encode_images(model, preprocess, image_paths))
+    texts = ["a red circle", "a blue square above a green triangle"]
+    torch.testing.assert_close(clip.encode_text(texts), encode_texts(model, tokenizer, texts))
+    assert clip.metadata == clip_metadata(clip_name, None, 16, True, float(model.logit_scale.exp()))
+
+    with pytest.raises(FileNotFoundError, match="nowhere is not there"):
+        load_clip(f"local-dir:{tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="'ViT-B-32' needs pretrained weights"):
+        load_clip("ViT-B-32")
 
 
 def test_saved_folders_carry_the_pipeline_as_transformers_saves_it(model_dir, tmp_path):

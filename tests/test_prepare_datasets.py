@@ -119,7 +119,11 @@ def test_coco_tables_schema_metadata_counts_report_and_references(tmp_path, coco
     assert load_report(group / "val")["skipped_by_reason"] == {"empty": 1, "no_references": 1, "non_text": 1}
     test_report = load_report(group / "test")
     assert test_report["kept"] == 1 and test_report["skipped_by_reason"] == {"corrupt_image": 1}
-    assert test_report["skipped_items"]["corrupt_image"][0]["item"] == "21"
+    corrupt = test_report["skipped_items"]["corrupt_image"][0]
+    corrupt_file = os.path.join("val2014", f"COCO_val2014_{21:012d}.jpg")
+    # The file named once, then the decoder's own error.
+    assert corrupt["item"] == "21" and corrupt["detail"] == (
+        f"{corrupt_file}: UnidentifiedImageError: cannot identify image file {str(coco_raw[0] / corrupt_file)!r}")
 
     references = COCO(str(group / "val_references.json"))
     assert sorted(references.getImgIds()) == ["10", "11"]

@@ -56,6 +56,17 @@ class CaptionConfig(TrainingArguments):
             raise ValueError("eval_num_beams and eval_max_new_tokens must be >= 1.")
 
 
+def pad_right(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of token ids -> `input_ids` and `attention_mask`, padded after the tokens whatever the tokenizer's
+    `padding_side`: a caption must follow its prefix directly, and the discriminator pools position 0."""
+    input_ids = torch.full((len(rows), max(map(len, rows))), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, ids in enumerate(rows):
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        attention_mask[index, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 class CaptionCollator:
     """Rows with `text` and `clip_features` -> `prefix_features`, `input_ids` (caption + EOS), `attention_mask`.
 
@@ -75,14 +86,7 @@ class CaptionCollator:
         encoded = self.tokenizer(
             list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length - 1
         )["input_ids"]
-        rows = [ids + [self.tokenizer.eos_token_id] for ids in encoded]
-        length = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, ids in enumerate(rows):
-            input_ids[index, : len(ids)] = torch.tensor(ids)
-            attention_mask[index, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_right([ids + [self.tokenizer.eos_token_id] for ids in encoded], self.tokenizer.pad_token_id)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenize([row["text"] for row in rows])

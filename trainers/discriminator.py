@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
+from .common import pad_right
+
 TRAINING_STATE = "training_state.pt"
 
 
@@ -56,7 +58,7 @@ class Discriminator:
         self.warmup_steps = warmup_steps
         self.max_grad_norm = max_grad_norm
         self.class_token_id = None if _adds_special_tokens(tokenizer) else _class_token(tokenizer)
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self.scheduler = None
 
     @classmethod
@@ -89,8 +91,8 @@ class Discriminator:
                              "may take: raise it or lower discriminator_max_length.")
         return cls(AutoModelForSequenceClassification.from_config(model_config), tokenizer, **settings)
 
-    @property
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The classifier's trainable parameters."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
@@ -118,13 +120,7 @@ class Discriminator:
     def _encode_with_class_token(self, texts: list[str]) -> dict[str, torch.Tensor]:
         rows = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
                               max_length=self.max_length - 1)["input_ids"]
-        rows = [[self.class_token_id] + ids for ids in rows]
-        input_ids = torch.full((len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for index, ids in enumerate(rows):
-            input_ids[index, : len(ids)] = torch.tensor(ids)
-            attention_mask[index, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad_right([[self.class_token_id] + ids for ids in rows], self.tokenizer.pad_token_id)
 
     def logits(self, texts: list[str]) -> torch.Tensor:
         """(N,) logits of "real", in training mode (dropout on), with gradient."""
@@ -151,7 +147,7 @@ class Discriminator:
         """Average the gradients over all processes (one collective); a no-op in a single process."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        parameters = self.parameters
+        parameters = self.parameters()
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
@@ -160,11 +156,11 @@ class Discriminator:
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip to `max_grad_norm` (when > 0); returns the norm before clipping (non-finite when a gradient is)."""
-        grads = [p.grad for p in self.parameters if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
         if self.max_grad_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+            return torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
         return torch.nn.utils.get_total_norm(grads)
 
     def step(self):

@@ -84,15 +84,9 @@ class ClipRewards:
         """Which CLIP this is, in the form the tables record (to check that they come from the same one)."""
         return self.clip.metadata
 
-    @torch.no_grad()
-    def text_features(self, captions: list[str]) -> torch.Tensor:
-        """(N, D) unit-length CLIP embeddings of `captions` (truncated to CLIP's context length)."""
-        tokens = self.clip.tokenizer(list(captions)).to(self.clip.device)
-        return self.clip.model.encode_text(tokens, normalize=True).float()
-
     def __call__(self, captions: list[str], image_features: torch.Tensor,
                  agg_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Scores of each caption against its row of `image_features` (and of `agg_features`), see
         [`semantic_scores`]; on the device of `image_features`."""
-        text = self.text_features(captions).to(image_features.device)
+        text = self.clip.encode_text(captions).to(image_features.device)
         return semantic_scores(text, image_features, agg_features, self.weights, self.logit_scale)
