@@ -352,8 +352,9 @@ def flat_grounding(scores: dict) -> dict[str, float]:
     """Grounding scores as flat metric names: attribute_precision, attribute_recall, their harmonic mean
     attribute_f1 (the shapes recipe's selection metric), colour_precision, ..."""
     flat = {f"attribute_{name}": float(scores[name]) for name in ("precision", "recall") if scores[name] is not None}
-    if len(flat) == 2:
-        precision, recall = flat["attribute_precision"], flat["attribute_recall"]
+    if scores["recall"] is not None:
+        # Captions that name no attribute at all have no precision; their F1 is 0, as their recall is.
+        precision, recall = flat.get("attribute_precision", 0.0), flat["attribute_recall"]
         flat["attribute_f1"] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     flat["distinct_scene_caption_share"] = scores["distinct_scene_caption_share"]
     for kind, values in scores["per_type"].items():

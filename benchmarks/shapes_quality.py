@@ -19,8 +19,9 @@ Rows, each from the recipe `configs/shapes.yaml` with one change, scst variants 
 - `supervised`: the same model trained on every reference of every training image, the upper bound;
 - `cross_domain_init`, `cross_domain_scst`: init and scst with the cross-domain corpus (other phrasings, synonyms).
 
-Writes `quality.json` (every seed's test metrics and the choices made) and `quality.md` (mean +- sd over seeds per
-row) into `--output_dir`, after every row, so an interrupted run keeps what it measured.
+Each seed's test metrics and choices go to `seed_<n>/results.json` after every row (a rerun skips the rows already
+measured), and `quality.json` / `quality.md` (mean ± sd over the seeds per row) into `--output_dir`. Seeds can run
+side by side, one per core: `--seed 0 &` and `--seed 1 &`, then `--summary_only`.
 """
 
 import argparse
@@ -130,37 +131,62 @@ def summary_table(per_seed: dict[str, dict[int, dict]], columns: tuple[str, ...]
     return "\n".join(lines)
 
 
-def write_results(output_dir: Path, per_seed: dict, choices: dict):
+def write_summary(output_dir: Path, seeds: list[int]) -> str:
+    """`quality.md` and `quality.json` from the seeds' results found in `output_dir`."""
+    per_seed, choices = {}, {}
+    for seed in seeds:
+        results_file = output_dir / f"seed_{seed}" / "results.json"
+        if results_file.is_file():
+            saved = json.loads(results_file.read_text())
+            choices[seed] = saved["choices"]
+            for row, metrics in saved["test"].items():
+                per_seed.setdefault(row, {})[seed] = metrics
+    per_seed = {row: per_seed[row] for row in ROWS if row in per_seed}
     (output_dir / "quality.json").write_text(json.dumps({"test": per_seed, "choices": choices}, indent=1))
     families = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("precision", "recall"))
-    markdown = ["# Shapes world: test split, mean ± sd over seeds", "",
-                "Every setting and checkpoint was chosen on validation; test was read once per row and seed.", "",
-                summary_table(per_seed, COLUMNS), "", "## Attribute precision and recall per family", "",
-                summary_table(per_seed, families), "", "## Choices made on validation", "",
-                "```json", json.dumps(choices, indent=1), "```", ""]
-    (output_dir / "quality.md").write_text("\n".join(markdown))
+    markdown = "\n".join([
+        "# Shapes world: test split, mean ± sd over seeds", "",
+        "Every setting and checkpoint was chosen on validation; test was read once per row and seed.", "",
+        summary_table(per_seed, COLUMNS), "", "## Attribute precision and recall per family", "",
+        summary_table(per_seed, families), "", "## Choices made on validation", "",
+        "```json", json.dumps(choices, indent=1), "```", ""])
+    (output_dir / "quality.md").write_text(markdown)
+    return markdown
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_seed(seed: int, rows: list[str], output_dir: Path, extra: list[str]):
+    """Every row of one seed; its results are written after each row, so an interrupted run keeps them."""
+    seed_dir = output_dir / f"seed_{seed}"
+    results_file = seed_dir / "results.json"
+    saved = json.loads(results_file.read_text()) if results_file.is_file() else {"test": {}}
+    init_model, noise, validation = best_init(seed_dir, seed, extra)
+    saved["choices"] = {"noise_std": noise, "init_validation_by_noise": validation}
+    for row in rows:
+        if row not in saved["test"]:
+            saved["test"][row] = run_row(row, seed_dir, seed, init_model, noise, extra)
+            results_file.write_text(json.dumps(saved, indent=1))
+    results_file.write_text(json.dumps(saved, indent=1))
+
+
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    parser.add_argument("--seed", type=int, help="run this one seed only (several can run side by side); the "
+                                                 "summary covers every seed of --seeds found in --output_dir")
+    parser.add_argument("--summary_only", action="store_true", help="only gather the seeds' results")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to report")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/shapes_quality"))
     args, extra = parser.parse_known_args(argv)
     if not (Path(TABLES) / "manifest.json").is_file():
         raise SystemExit(f"{TABLES} is missing: build the world first (`python prepare_datasets.py shapes`)")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    per_seed = {row: {} for row in args.rows}
-    choices = {}
-    for seed in range(args.seeds):
-        seed_dir = args.output_dir / f"seed_{seed}"
-        init_model, noise, validation = best_init(seed_dir, seed, extra)
-        choices[seed] = {"noise_std": noise, "init_validation_by_noise": validation}
-        for row in args.rows:
-            per_seed[row][seed] = run_row(row, seed_dir, seed, init_model, noise, extra)
-            write_results(args.output_dir, per_seed, choices)
-    print((args.output_dir / "quality.md").read_text())
-    return per_seed
+    if not args.summary_only:
+        for seed in [args.seed] if args.seed is not None else range(args.seeds):
+            run_seed(seed, args.rows, args.output_dir, extra)
+    markdown = write_summary(args.output_dir, sorted({*range(args.seeds), *([args.seed] if args.seed is not None
+                                                                              else [])}))
+    print(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
