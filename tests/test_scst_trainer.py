@@ -525,6 +525,22 @@ def test_train_script_runs_scst_from_the_init_stage(shapes_clip, tiny_tokenizer,
     assert len(samples[0]["reward"]) == 4 * 2 and len(samples[0]["caption_length"]) == 4 * 2
 
 
+def test_report_says_plainly_when_the_stage_handed_back_its_start(tmp_path):
+    from tools.report import write_report
+
+    for best, expected in (("checkpoint-0", "returned the model it started from, unchanged"),
+                           ("checkpoint-50", "The stage kept `checkpoint-50`")):
+        run = tmp_path / best
+        (run / "scst").mkdir(parents=True)
+        history = [{"step": step, "eval_cider": 1.0, "eval_attribute_f1": 0.5} for step in (0, 50)]
+        (run / "scst" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        info = {"global_step": 50, "train_minutes": 1.0, "num_processes": 1,
+                "best_checkpoint": str(run / "scst" / best)}
+        report = write_report(run, {"scst": info, "eval": {}}).read_text()
+        assert expected in report
+        assert ("did not" in report or "No checkpoint" in report) == (best == "checkpoint-0")
+
+
 def test_accelerate_configs_load_and_use_known_settings():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import launch_command_parser
