@@ -2,6 +2,7 @@
 
     python benchmarks/shapes_quality.py --seeds 3                       # every row below, 3 seeds
     python benchmarks/shapes_quality.py --seeds 3 --rows scst noop      # some rows (init and its sweep always run)
+    python benchmarks/shapes_quality.py --seed 1 --noise_levels 0.1     # one seed, noise already chosen on validation
     python benchmarks/shapes_quality.py --seeds 1 --max_steps 100       # extra flags go to every training stage
 
 Each seed redraws the captioner's initial weights, the discriminator's and the sampling; the world (data/shapes,
@@ -79,10 +80,11 @@ def test_metrics(final: Path, output_dir: Path) -> dict:
     return results["eval"][str(final)]
 
 
-def best_init(seed_dir: Path, seed: int, extra: list[str]) -> tuple[Path, float, dict[float, float]]:
+def best_init(seed_dir: Path, seed: int, noise_levels: list[float],
+              extra: list[str]) -> tuple[Path, float, dict[float, float]]:
     """The noise sweep of text-only init: the model and level with the best validation metric, and every level's."""
     validation = {}
-    for level in NOISE_LEVELS:
+    for level in noise_levels:
         output_dir = seed_dir / f"init_noise_{level}"
         if not (output_dir / "init" / "final").is_dir():
             train_stage("init", output_dir, seed, "--noise_std", str(level), *extra)
@@ -154,12 +156,12 @@ def write_summary(output_dir: Path, seeds: list[int]) -> str:
     return markdown
 
 
-def run_seed(seed: int, rows: list[str], output_dir: Path, extra: list[str]):
+def run_seed(seed: int, rows: list[str], output_dir: Path, noise_levels: list[float], extra: list[str]):
     """Every row of one seed; its results are written after each row, so an interrupted run keeps them."""
     seed_dir = output_dir / f"seed_{seed}"
     results_file = seed_dir / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {"test": {}}
-    init_model, noise, validation = best_init(seed_dir, seed, extra)
+    init_model, noise, validation = best_init(seed_dir, seed, noise_levels, extra)
     saved["choices"] = {"noise_std": noise, "init_validation_by_noise": validation}
     for row in rows:
         if row not in saved["test"]:
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> str:
                                                  "summary covers every seed of --seeds found in --output_dir")
     parser.add_argument("--summary_only", action="store_true", help="only gather the seeds' results")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to report")
+    parser.add_argument("--noise_levels", nargs="+", type=float, default=list(NOISE_LEVELS),
+                        help="init noise levels swept per seed (one level: a choice already made on validation)")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/shapes_quality"))
     args, extra = parser.parse_known_args(argv)
     if not (Path(TABLES) / "manifest.json").is_file():
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> str:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
         for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            run_seed(seed, args.rows, args.output_dir, extra)
+            run_seed(seed, args.rows, args.output_dir, args.noise_levels, extra)
     markdown = write_summary(args.output_dir, sorted({*range(args.seeds), *([args.seed] if args.seed is not None
                                                                               else [])}))
     print(markdown)
