@@ -4,7 +4,7 @@
 Layout under `<output_dir>` (default data/shapes):
     raw/                          the world as build_world writes it (images, OSCAR-style captions,
                                   corpus/*.txt, the tiny CLIP as an open_clip local-dir folder, ...)
-    tables/shapes/{train,val,test}            images tables (train keeps its references, for the
+    tables/shapes/{train,val,test}            images tables (train keeps its 5 references an image, for the
                                               supervised upper bound)
     tables/shapes/{val,test}_references.json  COCO-format references
     tables/corpus/{in_domain,cross_domain}    corpora, and their seeded _init / _real halves
@@ -25,30 +25,33 @@ from .common import ClipRequest, RunOptions
 from .corpus import prepare_corpus
 from .images import prepare_coco
 from .neighbors import aggregate, pseudo_pairs
+from .shapes import WORLD_VERSION, build_world, clip_report
 
 CORPORA = ("in_domain", "cross_domain")
 GROUP = "shapes"
 
 
 def _world_matches(world: dict, seed: int, sizes: dict) -> bool:
-    """Whether an existing world was built with this seed and these image / corpus counts."""
+    """Whether an existing world was built by this code's version, with this seed and these image / corpus counts."""
     built = {**{f"n_{split}": count for split, count in world.get("images", {}).items()},
              **{f"n_{name}": count for name, count in world.get("corpus_sentences", {}).items()}}
-    return world.get("seed") == seed and all(built.get(key) == value for key, value in sizes.items()
-                                             if key.startswith("n_"))
+    return world.get("version") == WORLD_VERSION and world.get("seed") == seed and all(
+        built.get(key) == value for key, value in sizes.items() if key.startswith("n_"))
 
 
-def _build_world(raw: Path, seed: int, rebuild: bool, sizes: dict) -> tuple[dict, bool]:
+def _build_world(raw: Path, seed: int, rebuild: bool, sizes: dict, progress: bool,
+                 log: Callable[[str], None]) -> tuple[dict, bool]:
     """The world summary, and whether it was (re)built now."""
     world_file = raw / "world.json"
     if world_file.is_file() and not rebuild:
         world = json.loads(world_file.read_text())
         if _world_matches(world, seed, sizes):
+            log(f"== reusing the shapes world in {raw} (seed {seed}; --overwrite rebuilds it)")
+            for line in clip_report(world["clip"]["test"]):
+                log(f"   {line}")
             return world, False
-    from .shapes import build_world
-
     # Without world.json an earlier build did not finish: whatever it left is replaced.
-    return build_world(raw, seed=seed, overwrite=True, **sizes), True
+    return build_world(raw, seed=seed, overwrite=True, progress=progress, log=log, **sizes), True
 
 
 def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
@@ -69,10 +72,12 @@ def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwr
     options = options or RunOptions()
     timings = {}
     started = time.perf_counter()
-    world, rebuilt = _build_world(raw, seed, overwrite, sizes)
+    world, rebuilt = _build_world(raw, seed, overwrite, sizes, options.progress, log)
     timings["world"] = time.perf_counter() - started
     options = replace(options, overwrite=options.overwrite or overwrite or rebuilt)
     clip = ClipRequest(f"local-dir:{raw / 'clip'}", None, options.device)
+    log(f"== the world goes through the same steps as real data (coco, corpus, aggregate, pseudo-pairs), "
+        f"with its tiny CLIP, into {tables}")
 
     started = time.perf_counter()
     images = prepare_coco(raw / "images", raw / "annotations", tables, clip, options, train_references=True, name=GROUP)
@@ -109,4 +114,8 @@ def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwr
 
     manifest["timings_s"] = {step: round(seconds, 2) for step, seconds in timings.items()}
     (tables / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    log(f"== shapes world ready in {sum(timings.values()):.0f} s: tables in {tables}; what its tiny CLIP sees "
+        f"(test split):")
+    for line in clip_report(world["clip"]["test"]):
+        log(f"   {line}")
     return manifest

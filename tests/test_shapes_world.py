@@ -17,7 +17,7 @@ from dataprep import shapes
 from dataprep.shapes import ClipTraining, build_world, grounding_scores, parse_attributes
 
 TINY = dict(n_clip_pretrain=48, n_train=12, n_val=6, n_test=10, n_in_domain=40, n_cross_domain=40,
-            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1))
+            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,11 @@ def test_splits_are_disjoint_and_complete(world):
         assert len(lines) == len(set(lines)) == len(scenes[corpus]) == TINY[f"n_{corpus}"]
 
 
-def test_val_and_test_have_five_distinct_true_references(world):
-    raw, _ = world
-    for split in ("val", "test"):
+def test_train_val_and_test_have_five_distinct_true_references(world):
+    raw, summary = world
+    splits = ("train", "val", "test")
+    assert all(summary["captions_per_image"][split] == shapes.REFERENCES_PER_IMAGE for split in splits)
+    for split in splits:
         scenes = json.loads((raw / "scenes" / f"{split}.json").read_text())
         references = {}
         for row in json.loads((raw / "annotations" / f"{split}_caption.json").read_text()):
@@ -236,3 +238,151 @@ def test_clip_training_lowers_the_loss():
     finally:
         torch.set_num_threads(threads)
     assert np.mean(losses[-8:]) < np.mean(losses[:4]) - 0.3
+
+
+# --------------------------------------------------------------------------- the swap test
+
+
+def _references(count, seed=3):
+    rng = random.Random(seed)
+    scenes = [shapes.sample_scene(rng) for _ in range(count)]
+    return [shapes.reference_captions(scene, rng) for scene in scenes], scenes
+
+
+def test_swapped_captions_are_false_and_differ_in_one_attribute_of_the_family():
+    references, scenes = _references(150)
+    pairs = shapes.swap_pairs(references, scenes)
+    assert set(pairs) == set(shapes.SWAP_FAMILIES) and all(pairs[family] for family in shapes.SWAP_FAMILIES)
+    for family, found in pairs.items():
+        for index, true, swapped in found:
+            assert true in references[index] and true != swapped
+            assert grounding_scores({"x": true}, {"x": scenes[index]})["precision"] == 1.0
+            assert not shapes._is_true_of(swapped, scenes[index]), (true, swapped)
+            before, after = shapes.parse_attributes(true), shapes.parse_attributes(swapped)
+            changed = [(old, new) for old, new in zip(before, after) if old != new]
+            assert len(before) == len(after) and len(changed) == 1, (true, swapped)
+            assert changed[0][0][0] == changed[0][1][0] == family, (true, swapped)
+    assert " a orange" not in " ".join(swapped for found in pairs.values() for _, _, swapped in found)
+
+
+def test_swap_phrases_keep_the_caption_style():
+    scene = SCENE
+    rng = random.Random(0)
+    cross = "we see a big red disc left of a little blue box with stripes against a black backdrop."
+    for family in ("shape", "size", "texture", "background", "relation"):
+        swapped = shapes.swap_attribute(cross, scene, family, rng)
+        assert swapped is not None and not shapes._is_true_of(swapped, scene), family
+    assert shapes.swap_attribute("a large red circle in the top left corner.", scene, "position", rng) \
+        .startswith("a large red circle ")
+    assert shapes.swap_attribute("a red circle.", scene, "relation", rng) is None
+
+
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _oracle(blind=()):
+    """A 'CLIP' that sees exactly the world's attributes, bound to their objects: an image (a text) is the bag of
+    (shape, attribute, value) facts of its scene (that it states), relations as (shape, relation, shape). The
+    families in `blind` are invisible to it (a blind shape also leaves the other facts unbound).
+    Returns (encode_image(scene), encode_text(texts)), both L2-normalised."""
+    values = {kind: list(shapes.WORDS["in_domain"][kind]) for kind in shapes.ATTRIBUTE_TYPES}
+    bound = [*shapes.SHAPES, "*"]
+    facts = [("shape", value) for value in bound] + [("background", value) for value in values["background"]]
+    facts += [(owner, kind, value) for owner in bound for kind in ("colour", "size", "texture", "position")
+              for value in values[kind]]
+    facts += [(first, "relation", value, second) for first in bound for value in values["relation"]
+              for second in bound]
+    index = {fact: number for number, fact in enumerate(facts)}
+
+    def owner(value):
+        return "*" if "shape" in blind or value is None else value
+
+    def vector(found):
+        features = torch.zeros(len(index))
+        for fact in found:
+            if not any(part in blind for part in fact[:-1] if part in shapes.ATTRIBUTE_TYPES) \
+                    and not (fact[0] in shapes.ATTRIBUTE_TYPES and fact[0] in blind):
+                features[index[fact]] += 1
+        return features / features.norm().clamp_min(1e-6)
+
+    def encode_image(scene):
+        found = [("background", scene["background"])]
+        for obj in scene["objects"]:
+            found += [("shape", owner(obj["shape"]))] + [(owner(obj["shape"]), key, obj[key])
+                                                         for key in ("colour", "size", "texture", "position")]
+        if scene["relation"]:
+            first, second = (owner(obj["shape"]) for obj in scene["objects"])
+            found += [(first, "relation", scene["relation"], second),
+                      (second, "relation", _INVERSE[scene["relation"]], first)]
+        return vector(found)
+
+    def encode_text(text):
+        items, found, last = shapes._chunk(shapes._mentions(text)), [], "*"
+        for position, (kind, value) in enumerate(items):
+            if kind == "np":
+                last = owner(value.get("shape"))
+                found += [("shape", last)] + [(last, key, word) for key, word in value.items() if key != "shape"]
+            elif kind == "position":
+                found.append((last, "position", value))
+            elif kind == "relation":
+                after = next((phrase for other, phrase in items[position + 1:] if other == "np"), {})
+                found.append((last, "relation", value, owner(after.get("shape"))))
+            else:
+                found.append((kind, value))
+        return vector(found)
+
+    return encode_image, lambda texts: torch.stack([encode_text(text) for text in texts])
+
+
+def test_swap_test_passes_a_seeing_clip_and_fails_a_blind_one():
+    references, scenes = _references(120)
+    encode_image, encode_text = _oracle()
+    images = torch.stack([encode_image(scene) for scene in scenes])
+    seeing = shapes.swap_test(images, encode_text, references, scenes)
+    assert all(seeing[family] >= 0.9 for family in shapes.SWAP_FAMILIES), seeing
+    assert seeing["min"] >= 0.9 and all(seeing["pairs"][family] > 0 for family in shapes.SWAP_FAMILIES)
+    assert seeing == shapes.swap_test(images, encode_text, references, scenes)  # seeded: the same pairs each time
+    for blind_to in ("texture", "shape", "relation"):
+        encode_image, encode_text = _oracle(blind=(blind_to,))
+        images = torch.stack([encode_image(scene) for scene in scenes])
+        blind = shapes.swap_test(images, encode_text, references, scenes)
+        assert blind[blind_to] == 0.5 == blind["min"], (blind_to, blind)
+        if blind_to == "texture":  # nothing else depends on it
+            assert all(blind[family] == seeing[family] for family in shapes.SWAP_FAMILIES if family != "texture")
+
+
+def test_world_reports_the_swap_test_and_modality_gap(world):
+    raw, summary = world
+    test = summary["clip"]["test"]
+    assert set(shapes.SWAP_FAMILIES) <= set(test["swap_test"]) and "swap_test" in summary["clip"]["test_definitions"]
+    shares = [test["swap_test"][family] for family in shapes.SWAP_FAMILIES if test["swap_test"][family] is not None]
+    assert shares and all(0.0 <= share <= 1.0 for share in shares)
+    assert json.loads((raw / "world.json").read_text())["clip"]["test"]["swap_test"] == test["swap_test"]
+    lines = shapes.clip_report(test)
+    assert any("swap test" in line for line in lines) and any("modality gap" in line for line in lines)
+
+
+def test_hard_negatives_are_false_of_their_scenes():
+    rng = random.Random(5)
+    for _ in range(100):
+        scene = shapes.sample_scene(rng)
+        caption = shapes.pretrain_caption(scene, rng)
+        negatives = shapes.hard_negative_captions(caption, scene, 3, rng)
+        assert 1 <= len(negatives) <= 3
+        assert all(not shapes._is_true_of(negative, scene) for negative in negatives), (caption, negatives)
+
+
+def test_fresh_tiny_clip_claims_no_failed_load(caplog):
+    with caplog.at_level("INFO"):
+        model = shapes.new_tiny_clip()
+    assert not [record for record in caplog.records if record.levelname in ("WARNING", "ERROR")]
+    assert open_clip.get_model_preprocess_cfg(model)["size"] == shapes.IMAGE_SIZE
+
+
+def test_build_says_what_it_does(tmp_path, capsys, caplog):
+    with caplog.at_level("WARNING"):
+        build_world(tmp_path / "talk", seed=0, **TINY)
+    out = capsys.readouterr().out
+    for step in ("rendering", "tokenizer", "training the tiny CLIP", "swap test", "modality gap", "R@1"):
+        assert step in out, step
+    assert not [record.getMessage() for record in caplog.records if "pretrained" in record.getMessage()]
