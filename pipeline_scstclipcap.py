@@ -39,6 +39,12 @@ CLIP_FOLDER = "clip"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
+# Random, seeded weights of a built-in architecture, for rehearsing a recipe at real model sizes without downloads
+# (`benchmarks/paper_scale.py`). Accepted only while the rehearsal is switched on (`prepare_datasets.py --rehearsal`,
+# `train.py --rehearsal`, which set this environment variable); real runs keep refusing random CLIP weights.
+REHEARSAL_WEIGHTS = "random-rehearsal"
+REHEARSAL_ENV = "SCSTCLIPCAP_REHEARSAL"
+REHEARSAL_SEED = 0
 DEFAULT_MAX_NEW_TOKENS = 30
 URL_PREFIXES = ("http://", "https://", "data:image/")
 GENERATION_PARAMETERS = frozenset(
@@ -57,6 +63,16 @@ def _import_open_clip():
 def has_schema(model_name: str) -> bool:
     """True for `local-dir:` / `hf-hub:` names, whose weights come with the model source."""
     return model_name.startswith((LOCAL_DIR, HF_HUB))
+
+
+def rehearsal_allowed() -> bool:
+    """Whether random rehearsal weights (`pretrained="random-rehearsal"`) may be loaded in this process."""
+    return os.environ.get(REHEARSAL_ENV) == "1"
+
+
+def allow_rehearsal():
+    """Switch the rehearsal on for this process and the processes it starts (`--rehearsal` flags)."""
+    os.environ[REHEARSAL_ENV] = "1"
 
 
 def _checkpoint_file(model_name: str, pretrained: str | None) -> str | None:
@@ -131,6 +147,19 @@ class CaptioningClip:
                 f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint file or "
                 "hf-hub:ID), or a 'local-dir:' or 'hf-hub:' model name that brings its own: random weights would give "
                 "meaningless features.")
+        if pretrained == REHEARSAL_WEIGHTS and not has_schema(model_name):
+            if not rehearsal_allowed():
+                raise ValueError(
+                    f"CLIP '{model_name}' with pretrained '{REHEARSAL_WEIGHTS}' has random weights, meant only for "
+                    "rehearsing a recipe at real sizes (benchmarks/paper_scale.py): pass --rehearsal to "
+                    "prepare_datasets.py / train.py to allow it, or use real weights (e.g. 'openai').")
+            open_clip = _import_open_clip()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(REHEARSAL_SEED)  # the same random CLIP in every process and every stage
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None,
+                                                                             device=device)
+            model.eval().requires_grad_(False)
+            return cls(model, preprocess, model_name, pretrained)
         if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR) :]).is_dir():
             raise FileNotFoundError(f"The CLIP folder {model_name[len(LOCAL_DIR):]} is not there.")
         open_clip = _import_open_clip()

@@ -81,6 +81,10 @@ def _clip_flags() -> argparse.ArgumentParser:
     flags.add_argument("--clip-pretrained", default=None,
                        help=f"pretrained tag, checkpoint file or hf-hub:ID (default {DEFAULT_CLIP_PRETRAINED} "
                             f"for {DEFAULT_CLIP_MODEL})")
+    flags.add_argument("--rehearsal", action="store_true",
+                       help="allow --clip-pretrained random-rehearsal (a built-in architecture at random, seeded "
+                            "weights), to rehearse a recipe at real sizes offline (benchmarks/paper_scale.py); the "
+                            "tables record it and are useless for real training")
     return flags
 
 
@@ -200,6 +204,10 @@ def run_command(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "rehearsal", False):
+        from pipeline_scstclipcap import allow_rehearsal
+
+        allow_rehearsal()
     started = time.perf_counter()
     try:
         result = run_command(args)
