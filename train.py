@@ -99,6 +99,11 @@ class ScriptArguments:
     num_mapping_layers: int = field(default=8, metadata={"help": "Transformer mapper: layers."})
     normalize_prefix: bool = field(default=False, metadata={"help": "L2-normalise CLIP embeddings first."})
     freeze_decoder: bool = field(default=False, metadata={"help": "Keep GPT-2 fixed (Transformer variant)."})
+    rehearsal: bool = field(
+        default=False,
+        metadata={"help": "Allow the random, seeded CLIP weights of a rehearsal at real sizes (CLIP pretrained "
+                          "'random-rehearsal', benchmarks/paper_scale.py); real runs refuse them."},
+    )
 
 
 def read_recipe(path: str | None) -> dict:
@@ -190,11 +195,21 @@ def prepare_world(script: ScriptArguments, state: PartialState):
     """Build the shapes world when the recipe asks for it and its tables are missing (main process only)."""
     if script.shapes_dir is None:
         return
-    if state.is_main_process and not (Path(script.shapes_dir) / "tables" / "manifest.json").is_file():
+    if state.is_main_process and not shapes_world_is_current(Path(script.shapes_dir)):
         from dataprep.world import prepare_shapes
 
         prepare_shapes(script.shapes_dir)
     state.wait_for_everyone()
+
+
+def shapes_world_is_current(shapes_dir: Path) -> bool:
+    """Whether the shapes world's tables are all there and the world was built by this version of its code (an older
+    world, with another CLIP or other splits, is rebuilt)."""
+    from dataprep.shapes import WORLD_VERSION
+
+    world_file = shapes_dir / "raw" / "world.json"
+    return (shapes_dir / "tables" / "manifest.json").is_file() and world_file.is_file() \
+        and json.loads(world_file.read_text()).get("version") == WORLD_VERSION
 
 
 def load_table(path: str | None, what: str):
@@ -504,6 +519,10 @@ def run_eval_stage(script: ScriptArguments, config: InitConfig, state: PartialSt
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     head = HfArgumentParser(ScriptArguments).parse_known_args(argv)[0]
+    if head.rehearsal:
+        from pipeline_scstclipcap import allow_rehearsal
+
+        allow_rehearsal()
     recipe = read_recipe(head.config or (str(DEFAULT_RECIPE) if not argv else None))
     stage = head.stage
     stages = RECIPE_STAGES if stage == "all" else (stage,)
