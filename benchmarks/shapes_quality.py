@@ -37,7 +37,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import train  # noqa: E402
 
 RECIPE = str(PROJECT_ROOT / "configs" / "shapes.yaml")
-NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
+NOISE_LEVELS = (0.05, 0.1, 0.2, 0.3)
 TABLES = "data/shapes/tables"
 SCST_VARIANTS = {
     "scst": (),
