@@ -212,6 +212,16 @@ def shapes_world_is_current(shapes_dir: Path) -> bool:
         and json.loads(world_file.read_text()).get("version") == WORLD_VERSION
 
 
+def shapes_clip_lines(shapes_dir: str | None) -> list[str] | None:
+    """The shapes world's CLIP figures (retrieval, modality gap, swap test) for the report, when the run has a world."""
+    world_file = Path(shapes_dir) / "raw" / "world.json" if shapes_dir else None
+    if world_file is None or not world_file.is_file():
+        return None
+    from dataprep.shapes import clip_report
+
+    return clip_report(json.loads(world_file.read_text())["clip"]["test"])
+
+
 def load_table(path: str | None, what: str):
     if path is None:
         raise SystemExit(f"this stage needs the {what} table: set it in the recipe or with --{what}_table")
@@ -551,7 +561,7 @@ def main(argv: list[str] | None = None):
 
         run_dir = Path(config.output_dir)
         figures = write_figures(run_dir, script.test_table, script.images_dir, script.test_scenes)
-        print(f"report: {write_report(run_dir, results, figures)}")
+        print(f"report: {write_report(run_dir, results, figures, shapes_clip_lines(script.shapes_dir))}")
     return results
 
 

@@ -536,8 +536,9 @@ def test_report_says_plainly_when_the_stage_handed_back_its_start(tmp_path):
         (run / "scst" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
         info = {"global_step": 50, "train_minutes": 1.0, "num_processes": 1,
                 "best_checkpoint": str(run / "scst" / best)}
-        report = write_report(run, {"scst": info, "eval": {}}).read_text()
+        report = write_report(run, {"scst": info, "eval": {}}, clip_lines=["swap test: shape 0.706"]).read_text()
         assert expected in report
+        assert "## What the CLIP sees" in report and "- swap test: shape 0.706" in report
         assert ("did not" in report or "No checkpoint" in report) == (best == "checkpoint-0")
 
 

@@ -75,17 +75,21 @@ def existing_figures(run_dir: Path) -> dict[str, str]:
     return {title: name for title, name in FIGURE_FILES.items() if (run_dir / name).is_file()}
 
 
-def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = None) -> Path:
+def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = None,
+                 clip_lines: list[str] | None = None) -> Path:
     """Write `report.md` and `report.json` into `run_dir`; returns the Markdown path.
 
     Args:
         run_dir: the run folder (one sub-folder per stage).
         results: what `train.py` returns: per-stage run information and `eval` test metrics per stage.
         figures: {title: file name in run_dir} of pictures and pages to link (curves, captions).
+        clip_lines: what the run's CLIP sees, as lines (the shapes world's retrieval, modality gap and swap test).
     """
     test_metrics = results.get("eval", {})
     training = {stage: info for stage, info in results.items() if stage != "eval"}
     lines = ["# Run report", "", f"Run folder: `{run_dir}`", "", "## Test split", "", metrics_table(test_metrics), ""]
+    if clip_lines:
+        lines += ["## What the CLIP sees (test split)", "", *[f"- {line}" for line in clip_lines], ""]
     if training:
         lines += ["## Training", "", "| stage | steps | minutes | processes | best checkpoint |", "|---|---|---|---|---|"]
         for stage, info in training.items():
