@@ -143,7 +143,9 @@ def write_summary(output_dir: Path, seeds: list[int]) -> str:
             choices[seed] = saved["choices"]
             for row, metrics in saved["test"].items():
                 per_seed.setdefault(row, {})[seed] = metrics
-    per_seed = {row: per_seed[row] for row in ROWS if row in per_seed}
+    # The protocol's rows first; rows kept from earlier settings of a seed (named after them) after.
+    per_seed = {row: per_seed[row] for row in sorted(per_seed, key=lambda row: (row not in ROWS, ROWS.index(row)
+                                                                                 if row in ROWS else 0, row))}
     (output_dir / "quality.json").write_text(json.dumps({"test": per_seed, "choices": choices}, indent=1))
     families = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("precision", "recall"))
     markdown = "\n".join([
