@@ -52,6 +52,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_RECIPE = PROJECT_ROOT / "configs" / "shapes.yaml"
 STAGES = ("init", "supervised", "scst", "eval", "all")
 RECIPE_STAGES = ("init", "scst", "supervised", "eval")
+STAGE_SUMMARIES = {
+    "init": "text-only initialisation, each corpus sentence from its own noisy CLIP text embedding",
+    "scst": "self-critical training on unpaired images with CLIP rewards and the naturalness discriminator",
+    "supervised": "the supervised upper bound, on the true references of the training images",
+    "eval": "captions and COCO metrics on the test split (written beside each model)",
+}
 
 
 @dataclass
@@ -545,6 +551,9 @@ def main(argv: list[str] | None = None):
         # After the world: building it in this process must not change the stage's random start (the new model's
         # weights are drawn before the Trainer seeds itself).
         set_seed(config.seed)
+        if state.is_main_process:
+            print(f"== stage {current}: {STAGE_SUMMARIES[current]}"
+                  + ("" if current == "eval" else f"; outputs in {stage_dir(config, current)}"), flush=True)
         if current == "eval":
             if not results and script.model_name_or_path is None:
                 raise SystemExit("the eval stage evaluates --model_name_or_path (a model folder or Hub id), or the "
