@@ -35,6 +35,29 @@ def make_tiny_clip(folder, seed: int = 0) -> str:
     return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, folder)
 
 
+@pytest.fixture(scope="module")
+def clip_name(tmp_path_factory) -> str:
+    """One random tiny open_clip per test module, as a `local-dir:` folder."""
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
+
+
+def write_random_images(folder: Path, count: int, greyscale_last: bool = False) -> list[str]:
+    """`count` PNG files of random pixels, of another size than the tiny CLIP's input (the last one greyscale when
+    asked); returns their paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        image = Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8))
+        if greyscale_last and index == count - 1:
+            image = image.convert("L")
+        paths.append(str(folder / f"image_{index}.png"))
+        image.save(paths[-1])
+    return paths
+
+
 def tiny_decoder_config(vocab_size: int = 64) -> dict:
     return dict(
         n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,

@@ -10,16 +10,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 import convert_checkpoint
-from conftest import PROJECT_ROOT, make_tiny_clip
+from conftest import PROJECT_ROOT, write_random_images
 from convert_checkpoint import main
 from dataprep.clip import encode_images, load_clip
 
@@ -310,19 +308,8 @@ def clipcap_generate2(model, tokenizer, embed, entry_length=67, top_p=0.8, tempe
 
 
 @pytest.fixture(scope="module")
-def clip_name(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
-
-
-@pytest.fixture(scope="module")
 def image_paths(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(3):
-        paths.append(str(folder / f"image_{index}.png"))
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(paths[-1])
-    return paths
+    return write_random_images(tmp_path_factory.mktemp("images"), 3)
 
 
 def test_converted_clipcap_captions_images_through_the_pipeline_as_the_original_code(

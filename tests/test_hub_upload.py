@@ -20,7 +20,7 @@ from dataprep.tables import images_features, save_table
 from hub_upload import main
 from prepare_datasets import main as prepare_datasets
 from test_pipeline import PIPELINE_SCRIPT, as_outputs, expected_captions, save_captioner
-from test_pipeline import clip_name, image_paths  # noqa: F401  (fixtures shared with the pipeline tests)
+from test_pipeline import image_paths  # noqa: F401  (a fixture shared with the pipeline tests)
 from trainers import InitConfig
 
 REPO_ID = "someone/scstclipcap-tiny"

@@ -6,13 +6,12 @@ import os
 import re
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import make_tiny_clip, run_script_outside_the_project, tiny_decoder_config
+from conftest import make_tiny_clip, run_script_outside_the_project, tiny_decoder_config, write_random_images
 
 from dataprep.clip import LoadedClip, clip_metadata, encode_images, encode_texts, load_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
@@ -28,22 +27,9 @@ from pipeline_scstclipcap import (
 
 
 @pytest.fixture(scope="module")
-def clip_name(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)
-
-
-@pytest.fixture(scope="module")
 def image_paths(tmp_path_factory) -> list[str]:
     """Four different images, one of them greyscale, of another size than the CLIP's input."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = []
-    for index in range(4):
-        pixels = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
-        image = Image.fromarray(pixels).convert("L") if index == 3 else Image.fromarray(pixels)
-        paths.append(str(folder / f"image_{index}.png"))
-        image.save(paths[-1])
-    return paths
+    return write_random_images(tmp_path_factory.mktemp("images"), 4, greyscale_last=True)
 
 
 def save_captioner(folder, make_config, tokenizer, clip_name: str, image_paths: list[str]):

@@ -26,11 +26,6 @@ DIM = TINY_CLIP["embed_dim"]
 
 
 @pytest.fixture(scope="module")
-def clip_name(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip_a"), seed=0)
-
-
-@pytest.fixture(scope="module")
 def other_clip_name(tmp_path_factory) -> str:
     return make_tiny_clip(tmp_path_factory.mktemp("clip_b"), seed=1)
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_clip
 from dataprep.clip import LoadedClip, encode_texts
 from tools import captions_page, curves
 
@@ -27,11 +26,6 @@ INIT_CAPTIONS = {image_id: f"a small {colour} circle on the left." for image_id,
 SCST_CAPTIONS = {image_id: f"a large {colour} square <b>&amp</b> above a triangle." for image_id, colour in
                  zip(IMAGE_IDS, ("red", "blue", "green", "purple", "yellow", "orange"))}
 SUPERVISED_CAPTIONS = {image_id: "two shapes." for image_id in IMAGE_IDS}
-
-
-@pytest.fixture(scope="module")
-def clip_name(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def write_json(path: Path, value) -> Path:

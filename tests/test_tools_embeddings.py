@@ -30,11 +30,6 @@ NUM_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
-def clip_name(tmp_path_factory) -> str:
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
 def loaded_clip(clip_name) -> LoadedClip:
     return LoadedClip.load(clip_name)
 
