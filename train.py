@@ -103,6 +103,8 @@ class ScriptArguments:
     prefix_length: int = field(default=10, metadata={"help": "GPT-2 embeddings per image."})
     clip_length: int = field(default=10, metadata={"help": "Transformer mapper: CLIP tokens."})
     num_mapping_layers: int = field(default=8, metadata={"help": "Transformer mapper: layers."})
+    num_mapping_heads: int = field(default=8, metadata={"help": "Transformer mapper: attention heads."})
+    mapping_mlp_ratio: float = field(default=2.0, metadata={"help": "Transformer mapper: MLP width / model width."})
     normalize_prefix: bool = field(default=False, metadata={"help": "L2-normalise CLIP embeddings first."})
     freeze_decoder: bool = field(default=False, metadata={"help": "Keep GPT-2 fixed (Transformer variant)."})
     rehearsal: bool = field(
@@ -135,7 +137,8 @@ def recipe_defaults(recipe: dict, stage: str) -> dict:
 # common section legitimately carries them for the stages that read them (the shapes recipe's model shape is init's
 # and supervised's), so there they are only noted; on the command line, for that one stage, they are refused.
 MODEL_SHAPE_SETTINGS = ("decoder_name_or_path", "decoder_config", "tokenizer_name_or_path", "mapping_type",
-                        "prefix_length", "clip_length", "num_mapping_layers", "normalize_prefix", "freeze_decoder")
+                        "prefix_length", "clip_length", "num_mapping_layers", "num_mapping_heads",
+                        "mapping_mlp_ratio", "normalize_prefix", "freeze_decoder")
 IGNORED_SETTINGS = {
     "scst": MODEL_SHAPE_SETTINGS,
     "eval": MODEL_SHAPE_SETTINGS,
@@ -296,6 +299,7 @@ def build_model(script: ScriptArguments, run_dir: Path, clip_meta: dict, tokeniz
     settings = dict(
         prefix_dim=clip_meta["dim"], prefix_length=script.prefix_length, mapping_type=script.mapping_type,
         clip_length=script.clip_length, num_mapping_layers=script.num_mapping_layers,
+        num_mapping_heads=script.num_mapping_heads, mapping_mlp_ratio=script.mapping_mlp_ratio,
         normalize_prefix=script.normalize_prefix, freeze_decoder=script.freeze_decoder,
         clip_model_name=clip_meta["model_name"], clip_pretrained=clip_meta.get("pretrained"),
     )

@@ -328,3 +328,14 @@ def test_a_stage_refuses_a_setting_it_would_ignore(tmp_path):
     assert config.noise_std == 0.1
     assert train.parse_stage("init", {}, ["--stage", "init", "--noise_std", "0.1", *output],
                              explicit_stage=True)[1].noise_std == 0.1
+
+
+def test_new_transformer_mapper_takes_its_heads_and_mlp_ratio_from_the_command_line(tiny_tokenizer, tmp_path):
+    decoder = tmp_path / "decoder.json"
+    decoder.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}))
+    script, _ = train.parse_stage("init", {}, [
+        "--mapping_type", "transformer", "--num_mapping_layers", "1", "--num_mapping_heads", "4",
+        "--mapping_mlp_ratio", "3.0", "--clip_length", "2", "--prefix_length", "2", "--decoder_config", str(decoder),
+        "--output_dir", str(tmp_path)], explicit_stage=True)
+    model = train.build_model(script, tmp_path, {"dim": 16, "model_name": "ViT-B-32"}, tiny_tokenizer)
+    assert model.config.num_mapping_heads == 4 and model.config.mapping_mlp_ratio == 3.0
