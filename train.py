@@ -204,46 +204,43 @@ def prepare_world(script: ScriptArguments, state: PartialState):
     """Build the shapes world when the recipe asks for it and its tables are missing (main process only)."""
     if script.shapes_dir is None:
         return
-    if state.is_main_process and not shapes_world_is_current(Path(script.shapes_dir)):
-        from dataprep.world import prepare_shapes
+    if state.is_main_process:
+        from dataprep.world import prepare_shapes, world_is_ready
 
-        prepare_shapes(script.shapes_dir)
+        if not world_is_ready(script.shapes_dir):
+            prepare_shapes(script.shapes_dir)
     state.wait_for_everyone()
-
-
-def shapes_world_is_current(shapes_dir: Path) -> bool:
-    """Whether the shapes world's tables are all there and the world was built by this version of its code (an older
-    world, with another CLIP or other splits, is rebuilt)."""
-    from dataprep.shapes import WORLD_VERSION
-
-    world_file = shapes_dir / "raw" / "world.json"
-    return (shapes_dir / "tables" / "manifest.json").is_file() and world_file.is_file() \
-        and json.loads(world_file.read_text()).get("version") == WORLD_VERSION
 
 
 def shapes_clip_lines(shapes_dir: str | None) -> list[str] | None:
     """The shapes world's CLIP figures (retrieval, modality gap, swap test) for the report, when the run has a world."""
-    world_file = Path(shapes_dir) / "raw" / "world.json" if shapes_dir else None
-    if world_file is None or not world_file.is_file():
+    from dataprep.world import built_world
+
+    world = built_world(shapes_dir) if shapes_dir else None
+    if world is None:
         return None
     from dataprep.shapes import clip_report
 
-    return clip_report(json.loads(world_file.read_text())["clip"]["test"])
+    return clip_report(world["clip"]["test"])
+
+
+def check_table_exists(path: str, what: str):
+    if not Path(path).exists():
+        raise SystemExit(f"the {what} table {path} does not exist: make it with prepare_datasets.py")
 
 
 def load_table(path: str | None, what: str):
     if path is None:
         raise SystemExit(f"this stage needs the {what} table: set it in the recipe or with --{what}_table")
-    if not Path(path).exists():
-        raise SystemExit(f"the {what} table {path} does not exist: make it with prepare_datasets.py")
+    check_table_exists(path, what)
     return load_from_disk(path)
 
 
 def check_tables_share_a_clip(tables: dict[str, str], model_config: SCSTClipCapConfig | None = None) -> dict:
     """All tables must come from one CLIP, and from the model's CLIP when the model already exists."""
     for name, path in tables.items():
-        if path is not None and not Path(path).exists():
-            raise SystemExit(f"the {name} table {path} does not exist: make it with prepare_datasets.py")
+        if path is not None:
+            check_table_exists(path, name)
     metas = {name: read_clip_metadata(path) for name, path in tables.items() if path is not None}
     first_name, first = next(iter(metas.items()))
     for name, meta in metas.items():

@@ -282,7 +282,6 @@ def median_ms(values: list[float]) -> float | None:
 
 
 def worker(stage: str, result_path: Path, device: str, train_argv: list[str]):
-    import torch
     from transformers import Trainer, TrainerCallback
 
     import train

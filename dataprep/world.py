@@ -39,6 +39,20 @@ def _world_matches(world: dict, seed: int, sizes: dict) -> bool:
         built.get(key) == value for key, value in sizes.items() if key.startswith("n_"))
 
 
+def built_world(output_dir: str | Path) -> dict | None:
+    """The summary (`world.json`) of the world built under `output_dir`, or None when there is none."""
+    world_file = Path(output_dir) / "raw" / "world.json"
+    return json.loads(world_file.read_text()) if world_file.is_file() else None
+
+
+def world_is_ready(output_dir: str | Path = "data/shapes", seed: int = 0) -> bool:
+    """Whether `prepare_shapes(output_dir, seed)` would only reuse: every table is there and the world was built by
+    this version of its code with this seed (an older world, with another CLIP or other splits, is rebuilt)."""
+    world = built_world(output_dir)
+    return (Path(output_dir) / "tables" / "manifest.json").is_file() and world is not None \
+        and _world_matches(world, seed, {})
+
+
 def _build_world(raw: Path, seed: int, rebuild: bool, sizes: dict, progress: bool,
                  log: Callable[[str], None]) -> tuple[dict, bool]:
     """The world summary, and whether it was (re)built now."""

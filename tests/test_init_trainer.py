@@ -339,3 +339,19 @@ def test_new_transformer_mapper_takes_its_heads_and_mlp_ratio_from_the_command_l
         "--output_dir", str(tmp_path)], explicit_stage=True)
     model = train.build_model(script, tmp_path, {"dim": 16, "model_name": "ViT-B-32"}, tiny_tokenizer)
     assert model.config.num_mapping_heads == 4 and model.config.mapping_mlp_ratio == 3.0
+
+
+def test_a_shapes_world_of_an_older_version_is_not_reused(tmp_path):
+    from dataprep.shapes import WORLD_VERSION
+    from dataprep.world import world_is_ready
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "tables").mkdir()
+    world = {"version": WORLD_VERSION, "seed": 0, "images": {}, "corpus_sentences": {}}
+    (tmp_path / "raw" / "world.json").write_text(json.dumps(world))
+    assert not world_is_ready(tmp_path)  # tables unfinished
+    (tmp_path / "tables" / "manifest.json").write_text("{}")
+    assert world_is_ready(tmp_path)
+    assert not world_is_ready(tmp_path, seed=1)
+    (tmp_path / "raw" / "world.json").write_text(json.dumps({**world, "version": WORLD_VERSION - 1}))
+    assert not world_is_ready(tmp_path)

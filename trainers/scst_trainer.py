@@ -401,8 +401,7 @@ class SCSTTrainer(CaptionTrainer):
         """One micro-batch: rollout and rewards, the captioner's loss and backward (the Trainer's step), the
         discriminator's backward; after the step's last micro-batch, the discriminator's optimizer step or the skip
         of both networks (the Trainer then clips and steps the captioner)."""
-        if self.discriminator.scheduler is None:  # a DeepSpeed config with its own scheduler bypasses create_scheduler
-            self.discriminator.create_scheduler(self.state.max_steps)
+        self.ensure_discriminator_scheduler()
         batch = self.generate_and_score(self._prepare_inputs(inputs))
         loss = super().training_step(model, batch, num_items_in_batch)
         self.train_discriminator(batch.real["text"], batch.sample_texts)
@@ -640,6 +639,11 @@ class SCSTTrainer(CaptionTrainer):
         self.discriminator.create_scheduler(num_training_steps)
         return scheduler
 
+    def ensure_discriminator_scheduler(self):
+        """A DeepSpeed config with its own scheduler bypasses `create_scheduler`: the discriminator's is made here."""
+        if self.discriminator.scheduler is None:
+            self.discriminator.create_scheduler(self.state.max_steps)
+
     def _save_checkpoint(self, model, trial):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
@@ -650,8 +654,7 @@ class SCSTTrainer(CaptionTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            if self.discriminator.scheduler is None:
-                self.discriminator.create_scheduler(self.state.max_steps)
+            self.ensure_discriminator_scheduler()
             with zero3_init_disabled(self.args):
                 extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
             self.skipped_steps = extra.get("skipped_steps", 0)
