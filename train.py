@@ -572,6 +572,9 @@ def main(argv: list[str] | None = None):
         run_dir = Path(config.output_dir)
         figures = write_figures(run_dir, script.test_table, script.images_dir, script.test_scenes)
         print(f"report: {write_report(run_dir, results, figures, shapes_clip_lines(script.shapes_dir))}")
+    if state.num_processes > 1:
+        # Torn down before the interpreter exits, so that no rank aborts on a still-running communication thread.
+        state.destroy_process_group()
     return results
 
 
