@@ -31,7 +31,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
 
@@ -42,6 +42,7 @@ from dataprep.clip import (
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
 from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
+from trainers.rewards import ClipTextEncoder
 
 # In-process the project's own classes serve the Auto API, so saved folders load without remote code.
 AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)
@@ -191,6 +192,29 @@ def check_launch(state: PartialState):
             f"({state.distributed_type}): the ranks would not synchronise. On CPU launch with "
             "`torchrun --nproc_per_node N train.py ...`; on GPUs with `accelerate launch --multi_gpu ...`."
         )
+
+
+def refuse_dropped_fsdp(trainer):
+    """Refuse an FSDP request that the accelerator dropped. accelerate makes FSDP of `--fsdp` (or of an accelerate
+    config's FSDP) only for several processes on accelerators; on CPU processes it keeps MULTI_CPU (DDP), on one
+    device no distribution at all, and drops the plugin without a word: the run would train unsharded. The Trainer's
+    `is_fsdp_enabled` says whether its accelerator shards, once the Trainer has made it (FSDP on TPUs goes through
+    torch_xla instead)."""
+    if trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled:
+        return
+    # The accelerator sets ACCELERATE_USE_FSDP itself when --fsdp hands it a plugin: --fsdp is looked at first.
+    if trainer.args.fsdp:
+        asked = "--fsdp"
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        asked = "the accelerate config"
+    else:
+        return
+    state = trainer.accelerator.state
+    raise SystemExit(
+        f"FSDP was asked for ({asked}) but accelerate runs {state.distributed_type} on {state.num_processes} "
+        f"{state.device.type} process(es) without sharding (it shards only across several GPU processes): launch on "
+        "GPUs with `accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...`, or drop the FSDP "
+        "request to train unsharded")
 
 
 def start_processes(config: InitConfig) -> PartialState:
@@ -371,11 +395,12 @@ def clip_s_metric(table, config: InitConfig):
         logger.warning("CLIP-S is skipped: the table's CLIP %s cannot be loaded (%s).", describe_clip(meta), error)
         return lambda predictions: {}
     features = dict(zip(table["image_id"], table["clip_features"]))
+    encode_text = ClipTextEncoder(clip.model, clip.tokenizer)
 
     def metric(predictions: dict[str, str]) -> dict[str, float]:
         image_ids = list(predictions)
         return {"clip_s": clip_score([features[i] for i in image_ids], [predictions[i] for i in image_ids],
-                                     model=clip.model, tokenizer=clip.tokenizer)}
+                                     encode_text=encode_text)}
 
     return metric
 
@@ -476,6 +501,7 @@ def train_and_save(trainer, script: ScriptArguments, state: PartialState, output
                    networks: dict[str, torch.nn.Module] | None = None) -> dict:
     """Train (or resume), save the final model, its training log and `run_info.json`; checks that the ranks agree
     on the captioner's weights and on those of any other trained `networks` ({name: module})."""
+    refuse_dropped_fsdp(trainer)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     minutes = (time.perf_counter() - started) / 60

@@ -1,6 +1,6 @@
 """The published recipe (`configs/coco_shutterstock.yaml`) rehearsed at its real model sizes, offline.
 
-    python benchmarks/paper_scale.py                               # CPU, one thread, about 15 minutes on 2 cores
+    python benchmarks/paper_scale.py                               # CPU, one thread, about 6 minutes
     python benchmarks/paper_scale.py --device cuda --threads 0     # one GPU (see benchmarks/paper_scale_gpu.sh)
     python benchmarks/paper_scale.py --workdir /tmp/ps --keep      # keep the world, tables and runs
 
@@ -24,8 +24,9 @@ the greedy row, CLIP text tower, discriminator scoring, teacher-forced forward +
 captioner optimizer step, the rest) by timing the trainer's own methods in the run; then each part is run again on its
 own (plain library calls on the step's captured inputs) and the step is compared to the sum of those standalone
 times (target: within 1.3x, no hidden waste), and to a teacher-forced cross-entropy step on the same sequences
-(`scst_step / ce_step`, per sequence). Two measured inefficiencies are reported beside it: CLIP's text tower run on 77
-positions where the captions need far fewer (same features, checked), and the discriminator's scoring pass.
+(`scst_step / ce_step`, per sequence). Two savings are measured beside it: CLIP's text tower run on the positions the
+captions use rather than on its whole context (77 positions; same features, checked), and the rollout (sampling,
+CLIP's text tower, the discriminator's scoring) run inside the step's autocast rather than outside it.
 
 Everything lands in `<workdir>/paper_scale.json` and a table on stdout. Weights are random: the timings are real,
 the captions and metrics are not. Step times on a shared CPU vary; run it on an idle machine for figures you quote.
@@ -385,28 +386,28 @@ def standalone_scst_parts(trainer, captured: dict, device: str, repeats: int = 3
     texts = batch.sample_texts + (batch.greedy_texts or [])
     rows = args.num_samples + int(args.baseline == "greedy")
     clip, discriminator = trainer.rewards.clip, trainer.discriminator
+    encode_text = trainer.rewards.encode_text  # the trainer's own: the tower on the positions the captions use
     autocast = trainer.accelerator.autocast
     captioner_parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(captioner_parameters, lr=1e-12)
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=1e-12)
 
-    def sampling():
-        with torch.no_grad():
+    # Sampling and scoring run as the trainer runs them: under the autocast of the loss (bf16 in the recipe).
+    def sampling(mixed_precision: bool = True):
+        # Without the outer autocast the prepared forward still autocasts, one token's forward at a time.
+        with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
             out = model.generate(features, do_sample=True, num_return_sequences=rows, max_new_tokens=args.max_new_tokens,
                                  temperature=1.0, top_k=0, top_p=1.0, eos_token_id=config.eos_token_id,
                                  pad_token_id=config.pad_token_id, logits_processor=LogitsProcessorList([GreedyRows(rows)]))
         trainer.processing_class.batch_decode(out, skip_special_tokens=True)
 
-    def clip_text(context: int | None = None, sentences: list[str] | None = None):
-        with torch.no_grad():
-            tokens = clip.tokenizer(sentences or texts).to(features.device)
-            if context is None:
-                return clip.model.encode_text(tokens)
-            with short_text_context(clip.model, context):
-                return clip.model.encode_text(tokens[:, :context])
+    def clip_text(sentences: list[str] | None = None, mixed_precision: bool = True, whole_context: bool = False):
+        with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
+            if whole_context:  # open_clip's encode_text on CLIP's whole context (77 positions)
+                return clip.model.encode_text(clip.tokenizer(sentences or texts).to(features.device)).float()
+            return encode_text(sentences or texts)
 
-    def disc_scoring(mixed_precision: bool = False):
-        # As the trainer scores: outside autocast (generate_and_score runs before the Trainer's autocast context).
+    def disc_scoring(mixed_precision: bool = True):
         with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
             discriminator.model.eval()
             discriminator.model(**discriminator.encode(texts)).logits
@@ -436,7 +437,6 @@ def standalone_scst_parts(trainer, captured: dict, device: str, repeats: int = 3
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    measured = {}
     plan = {"sampling": sampling, "clip_text_tower": clip_text, "discriminator_scoring": disc_scoring,
             "teacher_forced_fwd_bwd": lambda: teacher_forced(False), "discriminator_update": disc_update}
     for name, function in plan.items():
@@ -461,51 +461,45 @@ def standalone_scst_parts(trainer, captured: dict, device: str, repeats: int = 3
         timings.sync()
         if index:
             ce.append(time.perf_counter() - started)
-    # Waste check: CLIP's text tower on the captions' own length instead of 77 positions (causal mask, EOT pooling:
-    # the positions after the end token do not change the feature). The rehearsal's random captions are long byte
-    # salad; the corpus sentences stand for a trained captioner's captions.
+    # Saving: CLIP's text tower on the positions the captions use instead of its whole context (causal mask, pooling
+    # at the end token: the positions after it do not change the feature), both in float32 to compare the features.
+    # The rehearsal's random captions are long byte salad; the corpus sentences stand for a trained captioner's.
     contexts = {}
     for label, sentences in (("rehearsal_captions", texts), ("corpus_sentences", batch.real["text"][:len(texts)])):
         tokens = clip.tokenizer(sentences)
-        needed = int((tokens != 0).sum(dim=1).max())
-        full, short = clip_text(None, sentences), clip_text(needed, sentences)
-        trimmed, whole = Timings(device), Timings(device)
+        whole = clip_text(sentences, mixed_precision=False, whole_context=True)
+        cut = clip_text(sentences, mixed_precision=False)
+        parts = Timings(device)
         for _ in range(repeats):
-            with trimmed.part("short"):
-                clip_text(needed, sentences)
-            with whole.part("full"):
-                clip_text(None, sentences)
-        contexts[label] = {"used": int(tokens.shape[1]), "needed": needed, "rows": len(sentences),
-                           "full_ms": median_ms(whole.parts["full"]), "trimmed_ms": median_ms(trimmed.parts["short"]),
-                           "max_abs_difference": float((full - short).abs().max())}
-    # Waste check: the scoring pass under the run's mixed precision (bf16 in the recipe), as the update already runs.
-    scoring = Timings(device)
-    disc_scoring(True)
-    for _ in range(repeats):
-        with scoring.part("scoring"):
-            disc_scoring(True)
+            with parts.part("cut"):
+                clip_text(sentences, mixed_precision=False)
+            with parts.part("whole"):
+                clip_text(sentences, mixed_precision=False, whole_context=True)
+        positions = encode_text.causal_tower.positions(tokens) if encode_text.causal_tower else tokens.shape[1]
+        contexts[label] = {"context": int(tokens.shape[1]), "positions_run": int(positions), "rows": len(sentences), "whole_context_ms": median_ms(parts.parts["whole"]),
+                           "cut_ms": median_ms(parts.parts["cut"]),
+                           "max_abs_difference": float((whole - cut).abs().max())}
+    # Saving: the rollout inside the run's autocast (bf16 in the recipe) instead of outside it: the reward models in
+    # float32 then, and the sampling's forwards each in an autocast of their own (casting the weights at every token).
+    precision = {}
+    for name, part in (("sampling", sampling), ("clip_text_tower", clip_text), ("discriminator_scoring", disc_scoring)):
+        parts = Timings(device)
+        part(mixed_precision=False)
+        for _ in range(repeats):
+            with parts.part("outside"):
+                part(mixed_precision=False)
+            with parts.part("inside"):
+                part()
+        precision[name] = {"outside_autocast_ms": median_ms(parts.parts["outside"]),
+                           "inside_autocast_ms": median_ms(parts.parts["inside"])}
     return {
         "standalone_ms": measured,
-        "discriminator_scoring_autocast_ms": median_ms(scoring.parts["scoring"]),
         "ce_step_ms": median_ms(ce),
         "clip_text_context": contexts,
+        "rollout_precision": {"mixed_precision": trainer.accelerator.mixed_precision, **precision},
         "sample_caption_tokens": float(caption_mask(batch.samples, config.eos_token_id).sum(1).float().mean()),
         "discriminator_tokens": int(discriminator.encode(texts)["input_ids"].shape[1]),
     }
-
-
-@contextlib.contextmanager
-def short_text_context(model, length: int):
-    """open_clip's text tower on the first `length` positions: its positional table and causal mask cut to them."""
-    import torch
-
-    table, mask = model.positional_embedding, model.attn_mask
-    model.positional_embedding = torch.nn.Parameter(table[:length], requires_grad=False)
-    model.attn_mask = None if mask is None else mask[:length, :length]
-    try:
-        yield
-    finally:
-        model.positional_embedding, model.attn_mask = table, mask
 
 
 # -------------------------------------------------------------------------------------------------- orchestration
@@ -603,9 +597,14 @@ def print_summary(report: dict):
         print(f"scst step / teacher-forced CE step on the same {scst['sequences_per_step']} sequences: "
               f"{scst['scst_over_ce_per_sequence']}x per sequence (CE step {scst['ce_step_ms']} ms)")
         for label, context in scst["clip_text_context"].items():
-            print(f"CLIP text tower on {context['rows']} {label.replace('_', ' ')}: {context['used']} positions used, "
-                  f"{context['needed']} needed; {context['full_ms']} ms -> {context['trimmed_ms']} ms trimmed, same "
-                  f"features within {context['max_abs_difference']:.1e}")
+            print(f"CLIP text tower on {context['rows']} {label.replace('_', ' ')} (float32): "
+                  f"{context['positions_run']} positions run instead of {context['context']}, "
+                  f"{context['whole_context_ms']} ms -> "
+                  f"{context['cut_ms']} ms, same features within {context['max_abs_difference']:.1e}")
+        precision = scst["rollout_precision"]
+        for name in ("sampling", "clip_text_tower", "discriminator_scoring"):
+            print(f"{name.replace('_', ' ')}: {precision[name]['outside_autocast_ms']} ms outside the step's "
+                  f"{precision['mixed_precision']} autocast -> {precision[name]['inside_autocast_ms']} ms inside")
 
 
 if __name__ == "__main__":

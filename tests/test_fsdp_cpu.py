@@ -1,14 +1,15 @@
-"""Sharded training on CPU: what accelerate does with an FSDP request on 2 CPU processes (gloo, torchrun), and FSDP2
-run for real through `train.py` (init and scst) against the DDP run of the same seed.
+"""Sharded training on CPU: what accelerate does with an FSDP request on 2 CPU processes (gloo, torchrun), FSDP2
+run for real through `train.py` (init and scst) against the DDP run of the same seed, and the folder a model wrapped
+by FSDP2 saves.
 
 Measured with accelerate 1.15 / torch 2.14 / transformers 5: `AcceleratorState` turns an FSDP plugin into
 `DistributedType.FSDP` only on accelerator devices (MULTI_GPU, MULTI_NPU, ...); on CPU processes it keeps
 `MULTI_CPU` and drops the plugin without a word, so `train.py --fsdp "full_shard auto_wrap"` under torchrun on CPU
-trains with DDP (likewise DeepSpeed: `ACCELERATE_USE_DEEPSPEED` is read only when not on CPU). The rank script below
-can force the plugin in (`--force-fsdp-on-cpu`: the state's distributed type set to FSDP with the plugin, as accelerate
-does on GPUs), which runs torch's own FSDP2 (`fully_shard`, DTensor parameters, gloo) under the project's trainers:
-that is the closest run of the FSDP code path (sharded generation with `synced_gpus`, full state dict at save) a
-CPU-only machine allows.
+would train with DDP: `train.py` refuses it (likewise DeepSpeed: `ACCELERATE_USE_DEEPSPEED` is read only when not on
+CPU). The rank script below can force the plugin in (mode `fsdp-forced`: the state's distributed type set to FSDP
+with the plugin, as accelerate does on GPUs), which runs torch's own FSDP2 (`fully_shard`, DTensor parameters, gloo)
+under the project's trainers: that is the closest run of the FSDP code path (sharded generation with `synced_gpus`,
+full state dict at save) a CPU-only machine allows.
 
 The two-process runs are launched as a script under torchrun:
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/test_fsdp_cpu.py WORK STAGE MODE
@@ -124,7 +125,7 @@ def full_state_dict_on_cpu(marker: Path):
 
 
 def rank_main(work: Path, stage: str, mode: str):
-    """One rank: `train.py` `stage` in `mode` (ddp | fsdp-asked | fsdp-forced), run_info.json as train.py writes it."""
+    """One rank: `train.py` `stage` in `mode` (ddp | fsdp-forced), run_info.json as train.py writes it."""
     import train
 
     if mode == "fsdp-forced":
@@ -133,16 +134,19 @@ def rank_main(work: Path, stage: str, mode: str):
         full_state_dict_on_cpu(work / f"sharded_{stage}_rank{rank}.json")
     output = work / f"run_{stage}_{mode}"
     start_from = work / "run_init_ddp" / "init" / "final" if stage == "scst" else None
-    argv = stage_args(work, stage, output, start_from) + (FSDP2 if mode.startswith("fsdp") else [])
+    argv = stage_args(work, stage, output, start_from) + (FSDP2 if mode == "fsdp-forced" else [])
     train.main(argv)
 
 
 def launch(work: Path, stage: str, mode: str) -> subprocess.CompletedProcess:
+    return torchrun([__file__, str(work), stage, mode], work)
+
+
+def torchrun(script_and_args: list[str], work: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{PROJECT_ROOT}:{PROJECT_ROOT / 'tests'}",
            "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           __file__, str(work), stage, mode], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=600)
+                           *script_and_args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
 def final_weights(work: Path, stage: str, mode: str) -> dict[str, torch.Tensor]:
@@ -160,27 +164,104 @@ def max_difference(first: dict, second: dict) -> float:
     return max(float((first[name].float() - second[name].float()).abs().max()) for name in first)
 
 
+LOAD_AS_REMOTE_CODE = """
+import json, sys
+import torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+torch.save(model.state_dict(), sys.argv[1] + "/loaded_state_dict.pt")
+print(json.dumps({"model_class": type(model).__name__,
+                  "from_the_folder": type(model).__module__.startswith("transformers_modules")}))
+"""
+
+
+def test_a_captioner_saved_under_fully_shard_carries_its_own_code(tmp_path):
+    """FSDP2's `fully_shard` turns the captioner's class into torch's `FSDPSCSTClipCapForCaptioning`; the trainer's
+    save (every checkpoint and the final folder: `_save` with the gathered state dict, as `Trainer.save_model` calls it
+    under FSDP) still writes the project's code and `auto_map`, and the folder loads as remote code in a fresh
+    process, as a downstream user loads it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from conftest import run_script_outside_the_project, tiny_decoder_config
+    from configuration_scstclipcap import SCSTClipCapConfig
+    from modeling_scstclipcap import SCSTClipCapForCaptioning
+    from trainers import CaptionConfig, CaptionTrainer
+
+    model = SCSTClipCapForCaptioning(SCSTClipCapConfig(prefix_dim=16, prefix_length=2,
+                                                       decoder_config=tiny_decoder_config()))
+    trainer = CaptionTrainer(model=model, args=CaptionConfig(output_dir=str(tmp_path / "run"), use_cpu=True,
+                                                             report_to="none"))
+    folder = tmp_path / "final"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert type(model).__name__ == "FSDPSCSTClipCapForCaptioning"
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        trainer._save(str(folder), state_dict={name: tensor.clone() for name, tensor in state_dict.items()})
+        assert isinstance(model, FSDPModule)  # still sharded after the save
+    finally:
+        dist.destroy_process_group()
+    files = set(os.listdir(folder))
+    assert {"modeling_scstclipcap.py", "configuration_scstclipcap.py"} <= files
+    assert not [name for name in files if name.startswith("_fsdp")], files
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_scstclipcap.SCSTClipCapForCaptioning"
+    report = run_script_outside_the_project(LOAD_AS_REMOTE_CODE, [folder], tmp_path)
+    assert report == {"model_class": "SCSTClipCapForCaptioning", "from_the_folder": True}
+    loaded = torch.load(folder / "loaded_state_dict.pt")
+    assert loaded.keys() == state_dict.keys()
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, state_dict[name]), name
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp_cpu")
     build_setup(folder)
-    result = launch(folder, "init", "ddp")
-    assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
 
-def test_accelerate_drops_an_fsdp_request_on_cpu(work):
-    """`--fsdp` on CPU processes trains with DDP: accelerate keeps MULTI_CPU and the weights are DDP's, bit for bit.
-    (When accelerate starts honouring FSDP on CPU this test fails: then run FSDP for real below without forcing.)"""
-    result = launch(work, "init", "fsdp-asked")
+@pytest.fixture(scope="module")
+def work(setup):
+    result = launch(setup, "init", "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
-    info = run_info(work, "init", "fsdp-asked")
-    assert info["distributed_type"] == "DistributedType.MULTI_CPU" and info["num_processes"] == 2
-    assert info["weights_sha256"] == run_info(work, "init", "ddp")["weights_sha256"]
+    return setup
+
+
+def test_train_py_refuses_an_fsdp_request_that_accelerate_drops(setup):
+    """`torchrun ... train.py --fsdp ...` on CPU processes, where accelerate keeps MULTI_CPU and drops FSDP, stops on
+    every rank before training with one line saying what to change. (When accelerate starts honouring FSDP on CPU this
+    test fails: then run FSDP for real below without forcing.)"""
+    output = setup / "run_init_fsdp_asked"
+    result = torchrun([str(PROJECT_ROOT / "train.py"), *stage_args(setup, "init", output), *FSDP2], setup)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr[-3000:]  # one per rank
+    assert errors[0].startswith("error: FSDP was asked for (--fsdp) but accelerate runs DistributedType.MULTI_CPU on "
+                                "2 cpu process(es) without sharding"), errors[0]
+    assert "configs/accelerate/fsdp.yaml" in errors[0] and "drop the FSDP request" in errors[0]
+    assert not (output / "init" / "final").exists()
+
+
+def test_train_py_refuses_an_accelerate_fsdp_config_that_accelerate_drops(setup, monkeypatch):
+    """FSDP asked for by an accelerate config (`accelerate launch` exports ACCELERATE_USE_FSDP) in one CPU process:
+    refused the same way, naming the accelerate config."""
+    import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    output = setup / "run_init_fsdp_config"
+    with pytest.raises(SystemExit, match=r"FSDP was asked for \(the accelerate config\) but accelerate runs "
+                                         r"DistributedType.NO on 1 cpu process"):
+        train.main(stage_args(setup, "init", output))
+    assert not (output / "init" / "final").exists()
 
 
 def test_fsdp2_on_cpu_matches_ddp_for_init_and_scst(work):
-    """FSDP2 (forced through on CPU) trains init and scst to DDP's weights within ATOL, generation included."""
+    """FSDP2 (forced through on CPU) trains init and scst to DDP's weights within ATOL, generation included, and the
+    final folders carry the project's code, not torch's FSDP files."""
     for stage in ("init", "scst"):
         if stage == "scst":
             result = launch(work, "scst", "ddp")
@@ -194,6 +275,8 @@ def test_fsdp2_on_cpu_matches_ddp_for_init_and_scst(work):
             assert sharded["dtensor_parameters"] == sharded["parameters"] > 0, sharded
         difference = max_difference(final_weights(work, stage, "fsdp-forced"), final_weights(work, stage, "ddp"))
         assert difference < ATOL, (stage, difference)
+        final = set(os.listdir(work / f"run_{stage}_fsdp-forced" / stage / "final"))
+        assert "modeling_scstclipcap.py" in final and not any(name.startswith("_fsdp") for name in final), final
         assert info["global_step"] == run_info(work, stage, "ddp")["global_step"]
 
 

@@ -31,7 +31,7 @@ from dataprep.clip import ClipMismatchError, clip_metadata, save_local_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from trainers import CaptionEvaluator
 from trainers.discriminator import Discriminator
-from trainers.rewards import ClipRewards, SemanticWeights, semantic_scores
+from trainers.rewards import ClipRewards, ClipTextEncoder, SemanticWeights, semantic_scores
 from trainers.scst_trainer import (
     CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
     self_critical_advantages,
@@ -185,6 +185,54 @@ def test_clip_rewards_rank_the_right_scene_above_a_wrong_one(shapes_clip):
     wrong = torch.tensor([[c != t for c in candidates] for t in truths])
     assert scores[~wrong].mean() > scores[wrong].mean() + 0.1 * rewards.logit_scale
     assert rewards.logit_scale == pytest.approx(clip_model.logit_scale.exp().item())
+
+
+SHAPES_CLIP_CONFIG = shapes.clip_model_config()
+CAPTIONS = ["a red circle", "a big blue square above a small green triangle on a dark background", "a"]
+
+
+def text_tower(config_changes: dict | None = None, custom_text: bool = False):
+    """The shapes world's CLIP at random weights (its text tower inside `CLIP`, or a `CustomTextCLIP`'s
+    `TextTransformer`), its tokenizer, and a list that records how many positions each pass of the tower runs on."""
+    torch.manual_seed(0)
+    text_cfg = {**SHAPES_CLIP_CONFIG["text_cfg"], **(config_changes or {})}
+    model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    model = model_class(**{**SHAPES_CLIP_CONFIG, "text_cfg": text_cfg}).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=text_cfg["context_length"])
+    positions = []
+    transformer = model.text.transformer if custom_text else model.transformer
+    transformer.register_forward_hook(lambda _, inputs, __: positions.append(inputs[0].shape[1]))
+    return model, tokenizer, positions
+
+
+@pytest.mark.parametrize("custom_text", [False, True], ids=["CLIP", "CustomTextCLIP"])
+def test_clip_text_tower_runs_on_the_captions_positions_with_the_same_features(custom_text):
+    """A causal tower pooled at the end token runs on the positions up to the batch's last end token, not on the whole
+    context, and gives encode_text's features."""
+    model, tokenizer, positions = text_tower(custom_text=custom_text)
+    tokens = tokenizer(CAPTIONS)
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+    short = ClipTextEncoder(model, tokenizer)(CAPTIONS)
+    needed = int((tokens != 0).sum(dim=1).max())  # start token, words, end token of the longest caption
+    assert positions == [tokens.shape[1], needed] and needed < tokens.shape[1]
+    assert short.dtype == torch.float32
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config_changes, custom_text", [
+    ({"no_causal_mask": True}, False),  # every position sees the padding
+    ({"pool_type": "last"}, True),  # the pooled position moves with the cut
+    ({"embed_cls": True}, True),  # CoCa's class token, appended after the padding
+], ids=["bidirectional", "last-position pooling", "class token"])
+def test_clip_text_towers_that_the_padding_reaches_run_on_the_whole_context(config_changes, custom_text):
+    model, tokenizer, positions = text_tower(config_changes, custom_text)
+    tokens = tokenizer(CAPTIONS)
+    encoder = ClipTextEncoder(model, tokenizer)
+    assert encoder.causal_tower is None
+    with torch.no_grad():
+        assert torch.equal(encoder(CAPTIONS), model.encode_text(tokens).float())
+    assert len(positions) == 2 and positions[0] == positions[1] >= tokens.shape[1]  # CoCa's class token adds one
 
 
 def test_semantic_scores_on_known_vectors():
@@ -658,6 +706,30 @@ def test_samples_are_scored_under_the_distribution_they_were_drawn_from(shapes_c
     assert torch.isfinite(expected[mask.bool()]).all()  # every sampled token lies in the top k
     torch.testing.assert_close(scored[mask.bool()], expected[mask.bool()])
     assert torch.equal(scored, scored_again)
+
+
+def test_sampling_and_rewards_run_under_the_autocast_of_the_loss(shapes_clip, tiny_tokenizer, tmp_path):
+    """Under bf16 the rollout runs in the loss's autocast: the prefix `generate` maps outside the forward is computed
+    in bf16 as the loss's forward computes it (on-policy), the CLIP text tower and the discriminator score in bf16 as
+    the discriminator already learns, and the rewards and advantages come back in float32."""
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, bf16=True, max_steps=1))
+    networks = {"captioner's mapper": trainer.model.mapper, "CLIP text tower": trainer.rewards.clip.model.transformer,
+                "discriminator": trainer.discriminator.model}
+    output_dtypes = {name: set() for name in networks}
+    for name, network in networks.items():
+        for module in network.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda _, __, output, name=name: output_dtypes[name].add(output.dtype))
+    batches = []
+    generate_and_score = trainer.generate_and_score
+    trainer.generate_and_score = lambda inputs: batches.append(generate_and_score(inputs)) or batches[-1]
+    trainer.train()
+    assert output_dtypes == {name: {torch.bfloat16} for name in networks}
+    assert batches[0].advantages.dtype == torch.float32
+    features = torch.tensor(trainer.train_dataset["clip_features"][:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = trainer.rewards(["a red circle", "a blue square"], features, features)
+    assert {values.dtype for values in scores.values()} == {torch.float32}
 
 
 def greedy_semantic_reward(trainer, features) -> float:

@@ -1,5 +1,6 @@
-"""Pieces both training stages use: caption batches, the MMD term, and caption evaluation."""
+"""Pieces both training stages use: caption batches, the MMD term, caption evaluation, and saving."""
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +220,23 @@ def caption_statistics(captions: list[str]) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def own_class(model: torch.nn.Module):
+    """`model` wears, inside the block, the class its code defines (the one registered for the Auto API by
+    `register_for_auto_class`) instead of a wrapper's subclass of it, as FSDP2's `fully_shard` makes (`FSDP<Name>`,
+    defined in torch)."""
+    wrapper = type(model)
+    registered = [cls for cls in wrapper.__mro__ if cls.__dict__.get("_auto_class") is not None]
+    model.__class__ = registered[0] if registered else wrapper
+    try:
+        yield model
+    finally:
+        model.__class__ = wrapper
+
+
 class CaptionTrainer(Trainer):
-    """What every stage's trainer shares: per-step metrics averaged in `log()`, and evaluation by captioning.
+    """What every stage's trainer shares: per-step metrics averaged in `log()`, evaluation by captioning, and saved
+    folders that carry the model's own code.
 
     Subclasses append per-step values to `self._metrics[name]` and set `self.evaluator` (a [`CaptionEvaluator`], or
     `None` to skip evaluation); their config is a [`CaptionConfig`].
@@ -246,6 +262,12 @@ class CaptionTrainer(Trainer):
         if self.is_in_train and self.state.global_step == 0:
             self.save_starting_point(metrics)
         return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        # `save_pretrained` copies the file of the instance's class into the folder and names that class in `auto_map`:
+        # under FSDP2 it would be torch's FSDP code (the weights are the gathered `state_dict` either way).
+        with own_class(self.accelerator.unwrap_model(self.model)):
+            super()._save(output_dir, state_dict)
 
     def save_starting_point(self, metrics: dict[str, float]):
         """Let the model a stage starts from compete for the best checkpoint (evaluated at step 0 by

@@ -2,10 +2,11 @@
 
 Every step, on a batch of unpaired images (`SCSTTrainer.training_step` reads top-down):
 1. `num_samples` captions per image are sampled and, for the `greedy` baseline, one greedy caption written (in the
-   same decoding loop), without gradient, by the unwrapped model with the KV cache, in the mode the loss is scored in
-   (dropout off for the stage by default, as TRL's `disable_dropout`);
+   same decoding loop), without gradient, by the unwrapped model with the KV cache, in the mode and under the mixed
+   precision the loss is scored in (dropout off for the stage by default, as TRL's `disable_dropout`);
 2. each caption gets a semantic reward from the frozen CLIP ([`ClipRewards`]: CLIP-cos against the image, CLIP-agg
-   against the image's aggregated corpus embedding) and a naturalness reward, the [`Discriminator`]'s logit of "real";
+   against the image's aggregated corpus embedding) and a naturalness reward, the [`Discriminator`]'s logit of "real",
+   both under the same mixed precision and returned in float32;
 3. each reward's advantage is its value minus its baseline: the greedy caption's (SCST, Rennie et al.) or the mean of
    the image's other samples (Luo); each advantage is divided by its root mean square over the micro-batch, and the
    two are mixed as w * semantic + (1 - w) * naturalness, so that w is the semantic share of the advantage whatever
@@ -419,8 +420,14 @@ class SCSTTrainer(CaptionTrainer):
         """Samples (and greedy captions) of the micro-batch's images, their rewards and advantages, the
         discriminator's real sentences, and the captions' statistics."""
         features = inputs["prefix_features"]
-        samples, sample_texts, greedy_texts = self.roll_out(features)
-        advantages = self.advantages(sample_texts, greedy_texts, features, inputs.get("agg_features"))
+        # Under the autocast the loss runs in (accelerate wraps the prepared captioner's forward in it; transformers'
+        # compute_loss_context_manager adds none): the prefix that `generate` maps outside the forward is the one the
+        # loss maps, so the captions are sampled from the distribution they are scored under; the reward models run
+        # at the step's precision (in float32 the discriminator scored over 3x slower under bf16); and autocast, which
+        # caches its bf16 copies of the weights while it lasts, casts them once per rollout, not once per token.
+        with self.accelerator.autocast():
+            samples, sample_texts, greedy_texts = self.roll_out(features)
+            advantages = self.advantages(sample_texts, greedy_texts, features, inputs.get("agg_features"))
         self.record_captions(sample_texts, greedy_texts, samples)
         num_samples = self.args.num_samples
         return SCSTBatch(
