@@ -37,12 +37,12 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArg
 
 from configuration_scstclipcap import SCSTClipCapConfig
 from dataprep.clip import (
-    ClipMismatchError, LoadedClip, check_clip_metadata, check_model_features, describe_clip, read_clip_metadata,
+    ClipMismatchError, ClipTextEncoder, LoadedClip, check_clip_metadata, check_model_features, describe_clip,
+    read_clip_metadata,
 )
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
 from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
-from trainers.rewards import ClipTextEncoder
 
 # In-process the project's own classes serve the Auto API, so saved folders load without remote code.
 AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)

@@ -19,6 +19,10 @@ the models trained here all work on the unit sphere. Beside each CLIP feature co
 `encode_text` output, which ClipCap's released MLP weights and CgT-GAN read (a model's
 `config.clip_embedding` says which it reads). Tables made before norms were recorded lack `X_norm`: they
 feed only models that read normalised embeddings, and `check_model_features` says so.
+Text features (corpus sentences, captions) come from [`ClipTextEncoder`]: a causal text tower pooled at the end
+token (OpenAI's CLIPs, the shapes world's) runs on the positions each batch's longest sentence needs instead of the
+whole context (77 for ViT-B/32), which gives open_clip's `encode_text` features (to float rounding) several times
+faster; other towers run on the whole context.
 `weights_sha256` identifies weights that live in local files (a `local-dir:` folder or a checkpoint
 file), so a folder that moved still matches and a CLIP retrained in place does not; `logit_scale` is the
 CLIP's own exp(logit_scale).
@@ -43,6 +47,7 @@ from typing import Callable, Iterator, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -303,6 +308,96 @@ class LoadedClip(CaptioningClip):
         return clip_metadata(self.reference, self.pretrained, dim, True, _logit_scale(self.model))
 
 
+@dataclass(frozen=True)
+class CausalTextTower:
+    """An open_clip text tower whose caption features can be computed on the caption's positions alone.
+
+    With a causal attention mask a position's output depends on the positions before it only, and pooling at the end
+    token (`argmax`: the highest token id, `eos`: the end token) reads a position inside the caption: the padding after
+    the batch's longest caption changes no feature, and the tower can run on the tokens cut there. OpenAI's CLIPs
+    (ViT-B/32: 77 positions for captions of ~15 tokens) and the shapes world's are such towers.
+
+    Attributes:
+        module: what holds the tower's parts (`token_embedding`, `positional_embedding`, `attn_mask`, `transformer`,
+            `ln_final`, `text_projection`): the `CLIP` itself, or a `CustomTextCLIP`'s `TextTransformer`.
+        pool_type: `argmax` or `eos`.
+        eos_token_id: the end token, for `eos` pooling.
+    """
+
+    module: torch.nn.Module
+    pool_type: str
+    eos_token_id: int | None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "CausalTextTower | None":
+        """The tower of an open_clip model, or None where cutting the tokens would change the features: without a
+        causal mask (every position sees the padding), pooled at the first or last position (the last one moves with
+        the cut), with CoCa's class token appended after the padding, or a Hugging Face text model."""
+        if isinstance(model, open_clip.CLIP):
+            tower, pool_type, eos_token_id = model, model.text_pool_type, model.text_eos_id
+        elif isinstance(getattr(model, "text", None), TextTransformer) and model.text.cls_emb is None:
+            tower, pool_type, eos_token_id = model.text, model.text.pool_type, model.text.eos_id
+        else:
+            return None
+        if tower.attn_mask is None or pool_type not in ("argmax", "eos"):
+            return None
+        return cls(tower, pool_type, eos_token_id)
+
+    def positions(self, tokens: torch.Tensor) -> int:
+        """Positions the captions need: up to the last pooled position of the batch."""
+        if self.pool_type == "argmax":
+            pooled = tokens.argmax(dim=-1)
+        else:
+            pooled = (tokens == self.eos_token_id).int().argmax(dim=-1)
+        return int(pooled.max()) + 1
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's `encode_text` (raw embeddings) on the first [`positions`] of `tokens`, with the positional
+        table and the causal mask cut to them (open_clip sizes the mask to the whole context)."""
+        length = self.positions(tokens)
+        tokens, tower = tokens[:, :length], self.module
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+        x = text_global_pool(tower.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_token_id)
+        if tower.text_projection is None:
+            return x
+        if isinstance(tower.text_projection, torch.nn.Linear):
+            return tower.text_projection(x)
+        return x @ tower.text_projection
+
+
+class ClipTextEncoder:
+    """Raw float32 CLIP text embeddings `(N, D)` of captions, as open_clip's `encode_text` gives them, computed on the
+    positions the batch's longest caption needs where the tower allows it ([`CausalTextTower`]), on CLIP's whole
+    context otherwise.
+
+    Args:
+        model: the open_clip model.
+        tokenizer: its open_clip tokenizer (padding to the model's context length); needed to encode strings, not
+            token ids.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.causal_tower = CausalTextTower.of(model)
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("this ClipTextEncoder was made without a tokenizer: give it token ids (encode_tokens)")
+        return self.encode_tokens(self.tokenizer(list(texts)).to(next(self.model.parameters()).device))
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The same for captions the tokenizer has already turned into `(N, context_length)` ids, on the model's
+        device (the corpus streaming tokenizes in DataLoader workers)."""
+        if self.causal_tower is None:
+            return self.model.encode_text(tokens).float()
+        return self.causal_tower.encode(tokens).float()
+
+
 @dataclass
 class FeatureBatch:
     """Features of the inputs at `indices` (positions in the encoded sequence), the L2 norms of their raw
@@ -407,10 +502,14 @@ def iter_image_features(model: torch.nn.Module, preprocess: Callable, images: Se
 def iter_text_features(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
                        num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True,
                        progress: str | None = None) -> Iterator[FeatureBatch]:
-    """Stream CLIP text features batch by batch (tokenization runs in the DataLoader workers)."""
+    """Stream CLIP text features batch by batch (tokenization runs in the DataLoader workers).
+
+    The text tower runs as [`ClipTextEncoder`] runs it: on the positions each batch's longest sentence needs where
+    that gives open_clip's `encode_text` features, on the whole context otherwise."""
     device = torch.device(device)
     loader = _loader(_TextInputs(texts), _TokenizeBatch(tokenizer), batch_size, num_workers, device)
-    yield from _iter_features(loader, model.encode_text, device, len(texts), normalize, progress, "sent")
+    encode = ClipTextEncoder(model).encode_tokens
+    yield from _iter_features(loader, encode, device, len(texts), normalize, progress, "sent")
 
 
 def _gather(batches: Iterator[FeatureBatch]) -> torch.Tensor:

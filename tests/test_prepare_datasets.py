@@ -13,8 +13,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from conftest import TINY_CLIP, make_tiny_clip
-from dataprep.clip import (ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata, encode_images,
-                           encode_texts, load_clip, model_prefix_features, read_clip_metadata, table_prefix_features)
+from dataprep.clip import (CausalTextTower, ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata,
+                           encode_images, encode_texts, iter_text_features, load_clip, model_prefix_features,
+                           read_clip_metadata, table_prefix_features)
 from dataprep.common import RunOptions
 from dataprep.corpus import split_for_pretraining
 from dataprep.neighbors import aggregated_targets, nearest_sentences
@@ -323,6 +324,61 @@ def test_shutterstock_corpus_cleaning_features_and_report(tmp_path, clip_name):
     report = load_report(table)
     assert report["skipped_by_reason"] == {"duplicate_sentence": 1, "empty": 1, "too_long": 1}
     assert report["skipped_items"]["duplicate_sentence"][0]["item"] == "sentences.txt:3"
+
+
+# Batches of two: the longest sentence of each sets its width; the last one fills the tiny CLIP's 24 positions.
+SENTENCES_BY_TWO = ["a red circle", "a big blue square above a small green triangle", "two shapes.", "a dog",
+                    "word " * 30]
+
+
+def test_text_features_run_on_the_sentences_positions_with_the_whole_contexts_features(clip_name):
+    """encode_texts / iter_text_features (the corpus's features) run the causal text tower on the positions up to
+    each batch's longest sentence's end token, and give open_clip's encode_text features on the whole context:
+    tables made before stay compatible."""
+    model, _, tokenizer = load_clip(clip_name)
+    widths = []
+    model.transformer.register_forward_hook(lambda _, inputs, __: widths.append(inputs[0].shape[1]))
+    tokens = tokenizer(SENTENCES_BY_TWO)
+    context = tokens.shape[1]
+    with torch.no_grad():
+        full = model.encode_text(tokens).float()
+    assert widths == [context]
+    needed = [int((tokens[start:start + 2] != 0).sum(dim=1).max()) for start in range(0, len(tokens), 2)]
+    assert needed[0] < context and needed[1] < needed[0] and needed[2] == context  # 30 words: cut at the context
+
+    widths.clear()
+    raw = encode_texts(model, tokenizer, SENTENCES_BY_TWO, batch_size=2, normalize=False)
+    assert widths == needed
+    torch.testing.assert_close(raw, full, atol=1e-5, rtol=1e-5)
+    batches = list(iter_text_features(model, tokenizer, SENTENCES_BY_TWO, batch_size=2))
+    assert [index for batch in batches for index in batch.indices] == list(range(len(SENTENCES_BY_TWO)))
+    torch.testing.assert_close(torch.cat([batch.features for batch in batches]),
+                               torch.nn.functional.normalize(full, dim=-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([batch.norms for batch in batches]), full.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_corpus_table_features_equal_the_whole_contexts_on_fewer_positions(tmp_path, clip_name, monkeypatch):
+    """`prepare_datasets.py corpus` encodes through the same cut tower: its table equals full-context features."""
+    widths = []
+    encode = CausalTextTower.encode
+
+    def spy(tower, tokens):
+        widths.append(tower.positions(tokens))
+        return encode(tower, tokens)
+
+    monkeypatch.setattr(CausalTextTower, "encode", spy)
+    dump = tmp_path / "sentences.txt"
+    dump.write_text("\n".join(SENTENCES_BY_TWO[:4]) + "\n")
+    assert run_corpus(tmp_path, clip_name, "text", dump, "--batch-size", "2") == 0
+    corpus = datasets.load_from_disk(str(tmp_path / "out" / "corpus" / "sentences"))
+    model, _, tokenizer = load_clip(clip_name)
+    tokens = tokenizer(corpus[:]["text"])
+    with torch.no_grad():
+        full = model.encode_text(tokens).float()
+    assert widths and max(widths) < tokens.shape[1]
+    np.testing.assert_allclose(np.array(corpus[:]["clip_features"]),
+                               torch.nn.functional.normalize(full, dim=-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(corpus[:]["clip_features_norm"], full.norm(dim=-1).numpy(), rtol=1e-5)
 
 
 def test_uic_sentence_pickle(tmp_path, clip_name):

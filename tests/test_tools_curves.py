@@ -14,9 +14,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dataprep.clip import LoadedClip, encode_texts
+from dataprep.clip import LoadedClip, encode_texts, read_clip_metadata
 from tools import captions_page, curves
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +191,30 @@ def test_clip_similarity_of_a_caption_to_its_own_text_feature_is_one(images):
     np.testing.assert_allclose(own, 1.0, atol=1e-5)
     swapped = dict(zip(IMAGE_IDS, [INIT_CAPTIONS[image_id] for image_id in IMAGE_IDS[1:] + IMAGE_IDS[:1]]))
     assert curves.caption_similarities(swapped, table).max() < 0.9999
+
+
+def test_clip_similarity_runs_the_text_tower_on_the_captions_positions_with_the_whole_contexts_features(
+        images, monkeypatch):
+    """The captions' CLIP features are computed on the positions up to the longest caption's end token, and give
+    the cosines of open_clip's encode_text on the whole context."""
+    table, _ = images
+    load, widths = curves.LoadedClip.load, []
+
+    def load_with_hook(*args, **kwargs):
+        clip = load(*args, **kwargs)
+        clip.model.transformer.register_forward_hook(lambda _, inputs, __: widths.append(inputs[0].shape[1]))
+        return clip
+
+    monkeypatch.setattr(curves.LoadedClip, "load", load_with_hook)
+    similarities = curves.caption_similarities(SCST_CAPTIONS, table)
+    clip = load(read_clip_metadata(table)["model_name"])
+    tokens = clip.tokenizer([SCST_CAPTIONS[image_id] for image_id in IMAGE_IDS])
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    images_features = torch.tensor(datasets.load_from_disk(table)["clip_features"])
+    np.testing.assert_allclose(similarities, (full * images_features).sum(-1).numpy(), atol=1e-6)
+    # the first pass, on one word, is the metadata's embedding_dim check
+    assert widths[1:] == [int((tokens != 0).sum(dim=1).max())] and widths[1] < tokens.shape[1]
 
 
 def test_curves_cli_with_images_table(run_dir, images, tmp_path, capsys):
