@@ -194,27 +194,35 @@ def check_launch(state: PartialState):
         )
 
 
-def refuse_dropped_fsdp(trainer):
-    """Refuse an FSDP request that the accelerator dropped. accelerate makes FSDP of `--fsdp` (or of an accelerate
-    config's FSDP) only for several processes on accelerators; on CPU processes it keeps MULTI_CPU (DDP), on one
-    device no distribution at all, and drops the plugin without a word: the run would train unsharded. The Trainer's
-    `is_fsdp_enabled` says whether its accelerator shards, once the Trainer has made it (FSDP on TPUs goes through
-    torch_xla instead)."""
-    if trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled:
-        return
-    # The accelerator sets ACCELERATE_USE_FSDP itself when --fsdp hands it a plugin: --fsdp is looked at first.
-    if trainer.args.fsdp:
-        asked = "--fsdp"
-    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        asked = "the accelerate config"
-    else:
-        return
+def refuse_dropped_sharding(trainer):
+    """Refuse an FSDP or DeepSpeed request that the accelerator dropped without a word: the run would train unsharded.
+    accelerate makes FSDP of `--fsdp` (or of an accelerate config's FSDP) only for several processes on accelerators;
+    on CPU processes it keeps MULTI_CPU (DDP), on one device no distribution at all. It makes DeepSpeed of
+    `--deepspeed` (or of an accelerate config's DeepSpeed, exported as ACCELERATE_USE_DEEPSPEED) on CPU processes too
+    (gloo), but not when its own CPU flag is on (ACCELERATE_USE_CPU, which `accelerate launch --cpu` exports): then it
+    keeps MULTI_CPU or no distribution. The Trainer's `is_fsdp_enabled` / `is_deepspeed_enabled` say whether its
+    accelerator shards, once the Trainer has made it (FSDP on TPUs goes through torch_xla instead)."""
     state = trainer.accelerator.state
-    raise SystemExit(
-        f"FSDP was asked for ({asked}) but accelerate runs {state.distributed_type} on {state.num_processes} "
-        f"{state.device.type} process(es) without sharding (it shards only across several GPU processes): launch on "
-        "GPUs with `accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...`, or drop the FSDP "
-        "request to train unsharded")
+    # The accelerator sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED itself when the training arguments hand it a
+    # plugin: the arguments are looked at first.
+    if not (trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled):
+        asked = ("--fsdp" if trainer.args.fsdp
+                 else "the accelerate config" if parse_flag_from_env("ACCELERATE_USE_FSDP") else None)
+        if asked:
+            raise SystemExit(
+                f"FSDP was asked for ({asked}) but accelerate runs {state.distributed_type} on {state.num_processes} "
+                f"{state.device.type} process(es) without sharding (it shards only across several GPU processes): "
+                "launch on GPUs with `accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...`, or "
+                "drop the FSDP request to train unsharded")
+    if not trainer.is_deepspeed_enabled:
+        asked = ("--deepspeed" if trainer.args.deepspeed
+                 else "the accelerate config" if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") else None)
+        if asked:
+            raise SystemExit(
+                f"DeepSpeed was asked for ({asked}) but accelerate runs {state.distributed_type} on "
+                f"{state.num_processes} {state.device.type} process(es) without it (accelerate drops DeepSpeed when "
+                "its CPU flag is on: ACCELERATE_USE_CPU, `accelerate launch --cpu`): unset that flag (DeepSpeed runs "
+                "on CPU processes without it), or drop the DeepSpeed request to train unsharded")
 
 
 def start_processes(config: InitConfig) -> PartialState:
@@ -501,7 +509,7 @@ def train_and_save(trainer, script: ScriptArguments, state: PartialState, output
                    networks: dict[str, torch.nn.Module] | None = None) -> dict:
     """Train (or resume), save the final model, its training log and `run_info.json`; checks that the ranks agree
     on the captioner's weights and on those of any other trained `networks` ({name: module})."""
-    refuse_dropped_fsdp(trainer)
+    refuse_dropped_sharding(trainer)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     minutes = (time.perf_counter() - started) / 60

@@ -3,13 +3,18 @@ run for real through `train.py` (init and scst) against the DDP run of the same 
 by FSDP2 saves.
 
 Measured with accelerate 1.15 / torch 2.14 / transformers 5: `AcceleratorState` turns an FSDP plugin into
-`DistributedType.FSDP` only on accelerator devices (MULTI_GPU, MULTI_NPU, ...); on CPU processes it keeps
-`MULTI_CPU` and drops the plugin without a word, so `train.py --fsdp "full_shard auto_wrap"` under torchrun on CPU
-would train with DDP: `train.py` refuses it (likewise DeepSpeed: `ACCELERATE_USE_DEEPSPEED` is read only when not on
-CPU). The rank script below can force the plugin in (mode `fsdp-forced`: the state's distributed type set to FSDP
-with the plugin, as accelerate does on GPUs), which runs torch's own FSDP2 (`fully_shard`, DTensor parameters, gloo)
-under the project's trainers: that is the closest run of the FSDP code path (sharded generation with `synced_gpus`,
-full state dict at save) a CPU-only machine allows.
+`DistributedType.FSDP` only on accelerator devices (MULTI_GPU, MULTI_NPU, ...); on CPU processes it keeps `MULTI_CPU`
+and drops the plugin without a word, so `train.py --fsdp "full_shard auto_wrap"` under torchrun on CPU would train
+with DDP: `train.py` refuses it. DeepSpeed (measured with deepspeed 0.19.8 installed beside the project,
+`DS_ACCELERATOR=cpu`) is kept on CPU processes: the Trainer's Accelerator is made without accelerate's CPU flag, so
+`AcceleratorState` turns ACCELERATE_USE_DEEPSPEED into `DistributedType.DEEPSPEED` over the gloo group, and ZeRO-3
+trains init and scst through `train.py` to DDP's weights (within 1e-6); only with that flag on (ACCELERATE_USE_CPU,
+`accelerate launch --cpu`) does accelerate drop DeepSpeed, and `train.py` refuses that. deepspeed is no requirement of
+the project: its runs are not part of this suite; the refusal is tested without the package. The rank script below can
+force the FSDP plugin in (mode `fsdp-forced`: the state's distributed type set to FSDP with the plugin, as accelerate
+does on GPUs), which runs torch's own FSDP2 (`fully_shard`, DTensor parameters, gloo) under the project's trainers:
+that is the closest run of the FSDP code path (sharded generation with `synced_gpus`, full state dict at save) a
+CPU-only machine allows.
 
 The two-process runs are launched as a script under torchrun:
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/test_fsdp_cpu.py WORK STAGE MODE
@@ -256,6 +261,48 @@ def test_train_py_refuses_an_accelerate_fsdp_config_that_accelerate_drops(setup,
     with pytest.raises(SystemExit, match=r"FSDP was asked for \(the accelerate config\) but accelerate runs "
                                          r"DistributedType.NO on 1 cpu process"):
         train.main(stage_args(setup, "init", output))
+    assert not (output / "init" / "final").exists()
+
+
+def test_train_py_refuses_an_accelerate_deepspeed_config_that_accelerate_drops(setup, monkeypatch):
+    """DeepSpeed asked for by an accelerate config (`accelerate launch` exports ACCELERATE_USE_DEEPSPEED) while
+    accelerate's own CPU flag is on (ACCELERATE_USE_CPU): `AcceleratorState` takes DeepSpeed only when that flag is off,
+    so it runs without it, and `train.py` refuses before training with one line saying what to change.
+
+    Runs without the deepspeed package: without it the request would already fail loudly where the package is
+    required (TrainingArguments: `DeepSpeedPlugin.set_deepspeed_weakref` builds transformers' HfDeepSpeedConfig, which
+    raises PackageNotFoundError "deepspeed>=0.9.3"; Accelerator: ImportError "DeepSpeed is not installed"), so those two
+    package checks are stood in for here; the plugin and accelerate's decision to drop it are real."""
+    import accelerate.accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    import train
+
+    monkeypatch.setattr(DeepSpeedPlugin, "set_deepspeed_weakref", lambda self: None)
+    monkeypatch.setattr(accelerate.accelerator, "is_deepspeed_available", lambda: True)
+    compare_versions = accelerate.accelerator.compare_versions
+    monkeypatch.setattr(accelerate.accelerator, "compare_versions",
+                        lambda library, operation, version: library != "deepspeed"
+                        and compare_versions(library, operation, version))
+    offered = []
+    original = AcceleratorState.__init__
+
+    def init(self, *args, deepspeed_plugin=None, **kwargs):
+        original(self, *args, deepspeed_plugin=deepspeed_plugin, **kwargs)
+        offered.append((deepspeed_plugin, self.distributed_type))
+
+    monkeypatch.setattr(AcceleratorState, "__init__", init)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    output = setup / "run_init_deepspeed_config"
+    with pytest.raises(SystemExit, match=r"DeepSpeed was asked for \(the accelerate config\) but accelerate runs "
+                                         r"DistributedType.NO on 1 cpu process\(es\) without it .*ACCELERATE_USE_CPU.*"
+                                         r"drop the DeepSpeed request"):
+        train.main(stage_args(setup, "init", output))
+    # The Trainer offered accelerate a DeepSpeed plugin, and accelerate dropped it.
+    assert [isinstance(plugin, DeepSpeedPlugin) for plugin, _ in offered] == [True], offered
+    assert offered[0][1] != DistributedType.DEEPSPEED
     assert not (output / "init" / "final").exists()
 
 
