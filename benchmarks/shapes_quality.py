@@ -14,7 +14,8 @@ Rows, each from the recipe `configs/shapes.yaml` with one change, scst variants 
 - `init`: text-only init at the noise level chosen on validation (the sweep's other levels are not reported);
 - `scst`: the recipe's scst stage;
 - `noop`: the same stage at learning rate 0, the control: a stage that does nothing must show no gain;
-- `semantic_only` / `discriminator_only`: reward_weight 1 / 0;
+- `semantic_only` / `mixed_rewards` / `discriminator_only`: reward_weight 1 / 0.5 / 0 (the recipe's is chosen among them
+  on validation);
 - `greedy_baseline`: the self-critical greedy baseline instead of the mean of the other samples;
 - `clip_agg`: the semantic reward on CLIP-agg (the image's aggregated corpus embedding) instead of CLIP-cos;
 - `supervised`: the same model trained on every reference of every training image, the upper bound;
@@ -43,6 +44,7 @@ SCST_VARIANTS = {
     "scst": (),
     "noop": ("--learning_rate", "0"),
     "semantic_only": ("--reward_weight", "1.0"),
+    "mixed_rewards": ("--reward_weight", "0.5"),
     "discriminator_only": ("--reward_weight", "0.0"),
     "greedy_baseline": ("--baseline", "greedy"),
     "clip_agg": ("--clip_cos_weight", "0", "--agg_cos_weight", "1"),

@@ -541,7 +541,7 @@ def test_check_clip_metadata_compares_dim_and_normalisation(clip_name):
 
 def test_shapes_world_tables_are_deterministic(tmp_path):
     sizes = dict(n_clip_pretrain=16, n_train=12, n_val=3, n_test=3, n_in_domain=20, n_cross_domain=20,
-                 clip_training=ClipTraining(steps=1, batch_size=16))
+                 clip_training=ClipTraining(steps=1, batch_size=16, tagging_steps=1))
     options = RunOptions(batch_size=8, num_workers=0, device="cpu", progress=False)
     manifests = [prepare_shapes(tmp_path / run, seed=5, options=options, log=lambda line: None, **sizes)
                  for run in ("one", "two")]

@@ -17,7 +17,7 @@ from dataprep import shapes
 from dataprep.shapes import ClipTraining, build_world, grounding_scores, parse_attributes
 
 TINY = dict(n_clip_pretrain=48, n_train=12, n_val=6, n_test=10, n_in_domain=40, n_cross_domain=40,
-            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1), progress=False)
+            clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1, tagging_steps=2), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +368,82 @@ def test_hard_negatives_are_false_of_their_scenes():
         scene = shapes.sample_scene(rng)
         caption = shapes.pretrain_caption(scene, rng)
         negatives = shapes.hard_negative_captions(caption, scene, 3, rng)
-        assert 1 <= len(negatives) <= 3
+        assert len(negatives) == 3
         assert all(not shapes._is_true_of(negative, scene) for negative in negatives), (caption, negatives)
+
+
+def _swapped_family(caption, negative):
+    before, after = dict(parse_attributes(caption)), parse_attributes(negative)
+    return {kind for kind, value in after if (kind, value) not in parse_attributes(caption) and kind in before}
+
+
+def test_hard_negative_families_follow_their_weights():
+    rng = random.Random(6)
+    counts = {"even": 0, "weighted": 0}
+    for _ in range(150):
+        scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "texture": "solid",
+                              "position": "left"}], "relation": None, "background": "dark"}
+        caption = "a small red circle on the left."
+        for name, weights in (("even", None), ("weighted", {"shape": 8.0})):
+            negatives = shapes.hard_negative_captions(caption, scene, 4, rng, weights)
+            counts[name] += sum("shape" in _swapped_family(caption, negative) for negative in negatives)
+    # 4 families (size, colour, shape, position): a share of 1/4 evenly, 8/11 with shape weighted 8
+    assert counts["even"] / 600 == pytest.approx(0.25, abs=0.06)
+    assert counts["weighted"] / 600 == pytest.approx(8 / 11, abs=0.06)
+
+
+def test_relation_negatives_reverse_the_relation_half_the_time():
+    scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "texture": "solid", "position": "left"},
+                         {"colour": "blue", "shape": "cross", "size": "large", "texture": "solid",
+                          "position": "right"}], "relation": "left of", "background": "gray"}
+    caption = "a red circle to the left of a blue cross."
+    negatives = shapes.hard_negative_captions(caption, scene, 600, random.Random(0), {"relation": 1e6})
+    assert {"a red circle to the right of a blue cross.", "a red circle above a blue cross.",
+            "a red circle below a blue cross."} == set(negatives)
+    # half are the opposite, half any of the 3 false relations (the opposite among them)
+    opposite = negatives.count("a red circle to the right of a blue cross.") / len(negatives)
+    assert opposite == pytest.approx(0.5 + 0.5 / 3, abs=0.06)
+
+
+def test_scene_tags_bind_attributes_to_their_cell():
+    scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "texture": "solid", "position": "left"},
+                         {"colour": "blue", "shape": "cross", "size": "large", "texture": "dotted",
+                          "position": "right"}], "relation": "left of", "background": "gray"}
+    tags = shapes.scene_tags([scene])[0]
+    named = {shapes.SCENE_TAGS[n] for n in tags.nonzero().flatten().tolist()}
+    assert named == {("background", "gray"), ("left", "colour", "red"), ("left", "shape", "circle"),
+                     ("left", "size", "small"), ("left", "texture", "solid"), ("right", "colour", "blue"),
+                     ("right", "shape", "cross"), ("right", "size", "large"), ("right", "texture", "dotted")}
+
+
+def test_scene_tagging_teaches_the_vision_tower():
+    rng, pixel_rng = random.Random(1), np.random.default_rng(1)
+    scenes = [shapes.sample_scene(rng) for _ in range(64)]
+    pixels = np.stack([shapes.render_scene(scene, pixel_rng)[0] for scene in scenes])
+    torch.manual_seed(0)
+    visual = shapes.new_tiny_clip().visual
+    before = [p.detach().clone() for p in visual.parameters()]
+    images = shapes._pixel_tensor(pixels, visual.preprocess_cfg)
+    losses = shapes.train_scene_tagger(visual, images, scenes, ClipTraining(tagging_steps=30, batch_size=32,
+                                                                            warmup_steps=3),
+                                       torch.Generator().manual_seed(0), progress=False)
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.2
+    assert all(not torch.equal(b, a) for b, a in zip(before, visual.parameters()))
+
+
+def test_pair_loss_ranks_each_caption_against_its_own_negatives():
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(3, 8), dim=1) for _ in range(2))
+    negatives = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)  # two per image, image-major
+    scale = torch.tensor(10.0)
+    plain = shapes._contrastive_loss(image, text, negatives, scale)
+    with_pairs = shapes._contrastive_loss(image, text, negatives, scale, pair_loss_weight=0.5)
+    own = [torch.cat([image[b] @ text[b, None].T, image[b] @ negatives[2 * b:2 * b + 2].T]) for b in range(3)]
+    by_hand = torch.stack([-torch.log_softmax(scale * logits, 0)[0] for logits in own]).mean()
+    assert with_pairs == pytest.approx((plain + 0.5 * by_hand).item(), rel=1e-5)
+    # another image's negatives are no part of an image's own ranking
+    shuffled = negatives.view(3, 2, 8)[[1, 2, 0]].reshape(6, 8)
+    assert shapes._contrastive_loss(image, text, shuffled, scale, 0.5) != pytest.approx(with_pairs.item(), rel=1e-5)
 
 
 def test_fresh_tiny_clip_claims_no_failed_load(caplog):
