@@ -598,7 +598,8 @@ def swap_attribute(caption: str, scene: dict, kind: str, rng: random.Random, sty
     rng.shuffle(mentions)
     for _, value, start, end in mentions:
         first, last, phrasing = _framed_span(words, start, end, kind, value, style)
-        others = [other for other in (replacements or _values)(value if replacements else kind) if other != value]
+        candidates = replacements(value) if replacements else _values(kind)
+        others = [other for other in candidates if other != value]
         rng.shuffle(others)
         for other in others:
             phrase = _phrase(phrasing, kind, other, rng)
@@ -1068,8 +1069,9 @@ def train_tiny_clip(pixels: np.ndarray, captions: Sequence[Sequence[str]], setti
         rng, weights = random.Random(_stream_seed(seed, "hard negatives")), dict(settings.negative_family_weights)
         negatives = [[hard_negative_captions(caption, scene, settings.negatives_per_caption, rng, weights)
                       for caption in image_captions] for image_captions, scene in zip(captions, scenes)]
-    # on the batch's caption positions, not the whole context: the same features, a faster step
+    # on the batch's caption positions, not the whole context, where the tower allows it: the same features, faster
     text_tower = CausalTextTower.of(model)
+    encode_text = model.encode_text if text_tower is None else text_tower.encode
     pick_captions = _CaptionPicker(captions, open_clip.get_tokenizer(CLIP_MODEL_NAME), generator, negatives,
                                    settings.hard_negatives)
     batches = _batches(len(captions), settings.batch_size, generator)
@@ -1084,7 +1086,7 @@ def train_tiny_clip(pixels: np.ndarray, captions: Sequence[Sequence[str]], setti
             index = next(batches)
             tokens, negative_tokens = pick_captions(index)
             with torch.set_grad_enabled(step >= settings.text_frozen_steps):  # a frozen tower needs no gradient
-                texts = torch.nn.functional.normalize(text_tower.encode(
+                texts = torch.nn.functional.normalize(encode_text(
                     tokens if negative_tokens is None else torch.cat([tokens, negative_tokens])), dim=-1)
             text, negative = (texts, None) if negative_tokens is None else (texts[:len(index)], texts[len(index):])
             loss = _contrastive_loss(model.encode_image(images[index], normalize=True), text, negative,
