@@ -194,6 +194,14 @@ def check_launch(state: PartialState):
         )
 
 
+def sharding_request(argument, flag: str, environment_flag: str) -> str | None:
+    """How a sharding backend was asked for: its training argument (`flag`), else an accelerate config (which exports
+    `environment_flag`), else None."""
+    if argument:
+        return flag
+    return "the accelerate config" if parse_flag_from_env(environment_flag) else None
+
+
 def refuse_dropped_sharding(trainer):
     """Refuse an FSDP or DeepSpeed request that the accelerator dropped without a word: the run would train unsharded.
     accelerate makes FSDP of `--fsdp` (or of an accelerate config's FSDP) only for several processes on accelerators;
@@ -206,8 +214,7 @@ def refuse_dropped_sharding(trainer):
     # The accelerator sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED itself when the training arguments hand it a
     # plugin: the arguments are looked at first.
     if not (trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled):
-        asked = ("--fsdp" if trainer.args.fsdp
-                 else "the accelerate config" if parse_flag_from_env("ACCELERATE_USE_FSDP") else None)
+        asked = sharding_request(trainer.args.fsdp, "--fsdp", "ACCELERATE_USE_FSDP")
         if asked:
             raise SystemExit(
                 f"FSDP was asked for ({asked}) but accelerate runs {state.distributed_type} on {state.num_processes} "
@@ -215,8 +222,7 @@ def refuse_dropped_sharding(trainer):
                 "launch on GPUs with `accelerate launch --config_file configs/accelerate/fsdp.yaml train.py ...`, or "
                 "drop the FSDP request to train unsharded")
     if not trainer.is_deepspeed_enabled:
-        asked = ("--deepspeed" if trainer.args.deepspeed
-                 else "the accelerate config" if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") else None)
+        asked = sharding_request(trainer.args.deepspeed, "--deepspeed", "ACCELERATE_USE_DEEPSPEED")
         if asked:
             raise SystemExit(
                 f"DeepSpeed was asked for ({asked}) but accelerate runs {state.distributed_type} on "
