@@ -13,6 +13,8 @@ from transformers import Trainer, TrainingArguments
 from dataprep.clip import table_prefix_features
 from metrics import compute_coco_metrics
 
+from . import checkpoints
+
 
 @dataclass
 class CaptionConfig(TrainingArguments):
@@ -217,6 +219,7 @@ def caption_statistics(captions: list[str]) -> dict[str, float]:
         # The degenerate loop "stripes stripes": the same word twice in a row.
         "repeated_word_share": sum(any(a == b for a, b in zip(ws, ws[1:])) for ws in words) / max(len(words), 1),
         "distinct_caption_share": len(set(captions)) / max(len(captions), 1),
+        "vocabulary_size": len(set(unigrams)),
     }
 
 
@@ -235,12 +238,34 @@ def own_class(model: torch.nn.Module):
 
 
 class CaptionTrainer(Trainer):
-    """What every stage's trainer shares: per-step metrics averaged in `log()`, evaluation by captioning, and saved
-    folders that carry the model's own code.
+    """What every stage's trainer shares: per-step metrics averaged in `log()`, evaluation by captioning, saved
+    folders that carry the model's own code, and crash-safe checkpoints ([`trainers.checkpoints`]): a checkpoint
+    counts once complete, `train(resume_from_checkpoint="latest")` (or `True`) resumes from the newest complete one,
+    and an incomplete one is refused.
 
     Subclasses append per-step values to `self._metrics[name]` and set `self.evaluator` (a [`CaptionEvaluator`], or
     `None` to skip evaluation); their config is a [`CaptionConfig`].
     """
+
+    _save_checkpoint = checkpoints.crash_safe(Trainer._save_checkpoint)
+
+    def __init_subclass__(cls, **kwargs):
+        # A stage's own `_save_checkpoint` (scst's writes the discriminator, then calls the Trainer's) is wrapped
+        # whole, so that the completion marker follows everything it writes.
+        super().__init_subclass__(**kwargs)
+        if "_save_checkpoint" in vars(cls):
+            cls._save_checkpoint = checkpoints.crash_safe(vars(cls)["_save_checkpoint"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """[`~transformers.Trainer.train`], where `resume_from_checkpoint` is `"latest"` or `True` (the newest
+        complete checkpoint of the output folder, or none: from the beginning) or the path of a complete checkpoint.
+        The checkpoints of the output folder after the starting step are removed first: this run writes over them."""
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint = checkpoints.resolve_resume(resume_from_checkpoint, run_dir)
+        if self.args.should_save:
+            checkpoints.retire_checkpoints_after(run_dir, checkpoints.saved_step(checkpoint))
+        self.accelerator.wait_for_everyone()
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
