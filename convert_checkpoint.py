@@ -37,8 +37,9 @@ Released checkpoints and their flags:
 The config records which CLIP embedding the model reads (`clip_embedding`: "raw" for the MLP weights and CgT-GAN,
 "normalized" with `normalize_prefix` where the original normalises), so the pipeline feeds it the right one. The
 saved generation config follows the originals' decoding: a caption ends at its first "." (`--stop-token`) and not at
-<|endoftext|>, after at most 67 new tokens for ClipCap (`generate2`'s entry_length) and 20 for CgT-GAN
-(`--max_gen_length`); `--max-new-tokens` changes the limit.
+<|endoftext|>, after at most 67 new tokens for ClipCap (`generate2`'s entry_length, which keeps a caption that
+reaches it as it is) and 20 for CgT-GAN (`--max_gen_length`, whose generate makes the 20th token of such a caption
+the stop token: `forced_eos_token_id`); `--max-new-tokens` changes the limit.
 """
 
 import argparse
@@ -66,6 +67,10 @@ CLIP_EMBEDDING_DIMS = {
 }
 SOURCE_CLIP_MODELS = {"clipcap": "ViT-B-32", "cgtgan": "ViT-L-14"}
 SOURCE_MAX_NEW_TOKENS = {"clipcap": 67, "cgtgan": 20}
+# CgT-GAN's generate writes its eos token over the last token of a caption that reaches max_gen_length
+# (`token_ids[:, -1].masked_fill_(unfinished, eos)`); ClipCap's generate2 and generate_beam stop at entry_length and
+# keep the caption as it is.
+SOURCE_FORCES_STOP_AT_LIMIT = {"clipcap": False, "cgtgan": True}
 # The released GPT-2s: hidden size -> (name, layers, heads).
 GPT2_SIZES = {768: ("small", 12, 12), 1024: ("medium", 24, 16), 1280: ("large", 36, 20), 1600: ("xl", 48, 25)}
 # What a state dict is, by the first part of its keys, when it is no ClipCap / CgT-GAN captioner.
@@ -370,6 +375,9 @@ def convert(args: argparse.Namespace) -> SCSTClipCapForCaptioning:
         raise ConversionError(f"{args.checkpoint}: {error}") from None
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.max_new_tokens = args.max_new_tokens or SOURCE_MAX_NEW_TOKENS[args.source]
+    if SOURCE_FORCES_STOP_AT_LIMIT[args.source]:
+        # transformers forces it as the last new token (max_new_tokens counts the caption only, not the prefix).
+        model.generation_config.forced_eos_token_id = eos_token_id
     model.eval()
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
@@ -404,7 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--stop-token", default=".", help="generation ends at this token, as in the originals "
                         "('' to end at <|endoftext|> instead)")
     common.add_argument("--max-new-tokens", type=int, help="saved caption length limit (default: the original's, "
-                        "67 for clipcap, 20 for cgtgan)")
+                        "67 for clipcap, 20 for cgtgan, whose captions that reach it end with the stop token)")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sources = parser.add_subparsers(dest="source", required=True)
     for source in SOURCE_CLIP_MODELS:

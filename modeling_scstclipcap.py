@@ -386,26 +386,31 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
         return self._caption_clip
 
     def caption_images(
-        self, images, clip=None, *, batch_size: int = 32, tokenizer=None, **generation_kwargs
+        self, images, clip=None, *, batch_size: int = 32, tokenizer=None, timeout: float | None = None,
+        **generation_kwargs
     ) -> list[str]:
         """Captions of images, through the same code as the captioning pipeline: the CLIP embedding the model reads
         (`config.clip_embedding`), then [`generate`].
 
         Args:
             images (PIL image, path or URL, or a list of them):
-                The images.
+                The images. One that cannot be captioned (a missing file, data that is no image, a URL that does not
+                answer) raises the pipeline's error, which names it and, in a list, its index.
             clip (`pipeline_scstclipcap.CaptioningClip`, *optional*):
                 The image encoder; defaults to [`caption_clip`].
             batch_size (`int`, defaults to 32):
                 Images encoded and captioned together.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Defaults to the tokenizer saved beside the model.
+            timeout (`float`, *optional*):
+                Seconds a URL may take to connect and to send each part of the image (the pipeline's `URL_TIMEOUT`
+                when not given).
             generation_kwargs:
                 Passed to [`generate`] (`max_new_tokens`, defaulting to the generation config's, `num_beams`,
                 `do_sample`, ...).
 
         Returns:
-            `list[str]` of length `len(images) * num_return_sequences`.
+            `list[str]` of length `len(images) * num_return_sequences` (`num_return_sequences` for one image).
         """
         _, pipeline_class = _captioning_classes()
         captioner = pipeline_class(
@@ -414,8 +419,9 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
             clip=clip or self.caption_clip,
             device=self.device,
         )
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        outputs = captioner(images, batch_size=batch_size, **generation_kwargs)
+        outputs = captioner(images, batch_size=batch_size, timeout=timeout, **generation_kwargs)
+        if not isinstance(images, (list, tuple)):
+            outputs = [outputs]
         return [output["generated_text"] for per_image in outputs for output in per_image]
 
 

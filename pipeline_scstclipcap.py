@@ -18,16 +18,18 @@ Making a saved folder pipeline-ready (config entry, this file, the bundled CLIP 
 """
 
 import functools
+import http.client
+import io
 import json
 import os
 import shutil
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModel, GenerationConfig
-from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline
 from transformers.utils import is_vision_available
 
@@ -47,6 +49,10 @@ REHEARSAL_ENV = "SCSTCLIPCAP_REHEARSAL"
 REHEARSAL_SEED = 0
 DEFAULT_MAX_NEW_TOKENS = 30
 URL_PREFIXES = ("http://", "https://", "data:image/")
+# Seconds a URL may take to connect and to send each part of the image: offline, a URL fails instead of hanging.
+URL_TIMEOUT = 10.0
+# Longer inputs (data URLs) are cut short where an error names them.
+SHOWN_INPUT_LENGTH = 120
 GENERATION_PARAMETERS = frozenset(
     {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
 )
@@ -87,22 +93,63 @@ def _checkpoint_file(model_name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
-def open_image(image, timeout: float | None = None) -> "PIL.Image.Image":
-    """A PIL image from a PIL image, a file path or an http(s) / data URL; a bad file raises an error naming it."""
+def describe_image(image) -> str:
+    """How an error names an image: its path or URL (a long data URL cut short), or the PIL image's file or size."""
     if isinstance(image, PIL.Image.Image):
+        filename = getattr(image, "filename", "")
+        return f"PIL image of {filename}" if filename else f"{image.mode} PIL image of {image.width}x{image.height}"
+    text = os.fspath(image) if isinstance(image, os.PathLike) else str(image)
+    if len(text) > SHOWN_INPUT_LENGTH:
+        return f"{text[:SHOWN_INPUT_LENGTH]}... ({len(text)} characters)"
+    return text
+
+
+def _unreadable(image, error: Exception) -> ValueError:
+    return ValueError(f"Cannot read the image {describe_image(image)}: {type(error).__name__}: {error}")
+
+
+def _download(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except ValueError as error:  # a malformed URL or data URL
+        raise _unreadable(url, error) from error
+    except (OSError, http.client.HTTPException) as error:
+        # urllib wraps the socket's error (refused, unknown host) in a URLError; an HTTP error status and a timeout
+        # come through as they are.
+        reason = getattr(error, "reason", None)
+        reason = reason if isinstance(reason, Exception) else error
+        waited = f" (no answer within {timeout} s)" if isinstance(reason, TimeoutError) else ""
+        raise ConnectionError(f"Cannot download the image {describe_image(url)}: {type(reason).__name__}: "
+                              f"{reason}{waited}") from error
+
+
+def open_image(image, timeout: float | None = None) -> "PIL.Image.Image":
+    """A decoded PIL image from a PIL image, a file path or an http(s) / data URL (fetched within `timeout` seconds,
+    `URL_TIMEOUT` by default). What cannot be captioned raises one error naming it: FileNotFoundError for a missing
+    file, ConnectionError for a URL that cannot be fetched, ValueError for data that is no image, a truncated image or
+    one over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), TypeError for anything else."""
+    if isinstance(image, PIL.Image.Image):
+        try:
+            image.load()  # a PIL image opened lazily is decoded here, so that a damaged one is named
+        except Exception as error:
+            raise _unreadable(image, error) from error
         return image
     if isinstance(image, str) and image.startswith(URL_PREFIXES):
-        return load_image(image, timeout=timeout)
-    if not isinstance(image, (str, os.PathLike)):
+        source = io.BytesIO(_download(image, URL_TIMEOUT if timeout is None else timeout))
+    elif isinstance(image, (str, os.PathLike)):
+        source = image
+    else:
         raise TypeError(f"An image must be a PIL image, a file path or a URL, got {type(image).__name__}.")
     try:
-        with PIL.Image.open(image) as opened:
+        # Decoded once and returned without a copy, so that a large image is held in memory once until it is resized.
+        with PIL.Image.open(source) as opened:
             opened.load()
-            return opened.copy()
+        return opened
     except FileNotFoundError:
-        raise FileNotFoundError(f"No image file at {image}.") from None
+        raise FileNotFoundError(f"No image file at {describe_image(image)}.") from None
     except Exception as error:  # a corrupt file raises anything from OSError to zlib / struct errors
-        raise ValueError(f"Cannot read the image {image}: {type(error).__name__}: {error}") from error
+        raise _unreadable(image, error) from error
 
 
 def bundled_clip_folder(name_or_path: str | os.PathLike | None, revision: str | None = None,
@@ -235,14 +282,28 @@ class CaptioningClip:
         return self.model.encode_text(tokens, normalize=normalize).float()
 
 
+@dataclass(frozen=True)
+class ListedImage:
+    """An image of a list given to the pipeline, with its place in the list, so that an error can say which failed."""
+
+    index: int
+    image: object
+
+
+# What `open_image` raises for an input that cannot be captioned, most specific first.
+IMAGE_ERRORS = (FileNotFoundError, ConnectionError, ValueError, TypeError)
+
+
 class SCSTClipCapPipeline(Pipeline):
     """Image captioning with an SCSTClipCap model: image -> CLIP embedding -> prefix -> GPT-2 caption.
 
     Call it on a PIL image, a path or a URL (-> `[{"generated_text": caption}]`, one dict per returned sequence), or
-    on a list of them (-> one such list per image). Generation settings (`max_new_tokens`, `num_beams`, `do_sample`,
-    `num_return_sequences`, ...) go at the top level or in `generate_kwargs`, when building the pipeline or when
-    calling it; `batch_size` batches the CLIP and the captioner together. Without a length setting, captions stop
-    where the model's generation config says (after 30 new tokens when it says nothing).
+    on a list or tuple of them (-> one such list per image). An image that cannot be captioned (a missing file, a URL
+    that does not answer within `timeout` seconds, `URL_TIMEOUT` by default, data that is no image) raises one error
+    naming it, and in a list its index: `images[2]: No image file at b.png.`. Generation settings (`max_new_tokens`,
+    `num_beams`, `do_sample`, `num_return_sequences`, ...) go at the top level or in `generate_kwargs`, when building
+    the pipeline or when calling it; `batch_size` batches the CLIP and the captioner together. Without a length
+    setting, captions stop where the model's generation config says (after 30 new tokens when it says nothing).
 
     Args:
         clip (`CaptioningClip`, *optional*):
@@ -263,6 +324,15 @@ class SCSTClipCapPipeline(Pipeline):
             clip = CaptioningClip.for_captioner(self.model.config, self.model.name_or_path)
         self.clip = clip.to(self.device)
 
+    def __call__(self, inputs, **kwargs):
+        # Each image of a list goes with its index, for an error to name; an empty list has nothing to caption (the
+        # base class would look at its first item).
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                return []
+            inputs = [ListedImage(index, image) for index, image in enumerate(inputs)]
+        return super().__call__(inputs, **kwargs)
+
     def _sanitize_parameters(self, generate_kwargs: dict | None = None, timeout: float | None = None, **kwargs):
         unknown = sorted(set(kwargs) - GENERATION_PARAMETERS)
         if unknown:
@@ -279,7 +349,13 @@ class SCSTClipCapPipeline(Pipeline):
 
     def preprocess(self, image, timeout: float | None = None) -> dict:
         # Batching stacks an "image" tensor as is ("pixel_values" would ask for a feature extractor's padding).
-        return {"image": self.clip.pixel_values(image, timeout=timeout)}
+        if not isinstance(image, ListedImage):
+            return {"image": self.clip.pixel_values(image, timeout=timeout)}
+        try:
+            return {"image": self.clip.pixel_values(image.image, timeout=timeout)}
+        except IMAGE_ERRORS as error:
+            kind = next(kind for kind in IMAGE_ERRORS if isinstance(error, kind))
+            raise kind(f"images[{image.index}]: {error}") from error
 
     def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None) -> dict:
         # The embedding the model was trained on: normalised, or raw for converted ClipCap / CgT-GAN weights.

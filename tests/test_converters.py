@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
@@ -19,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, 
 import convert_checkpoint
 from conftest import PROJECT_ROOT, write_random_images
 from convert_checkpoint import main
-from dataprep.clip import encode_images, load_clip
+from dataprep.clip import load_clip
 
 N_EMBD, N_HEAD, VOCAB_SIZE = 32, 2, 64
 WORDS = "a the red blue green circle square small big left right of above is and .".split()
@@ -226,6 +227,7 @@ def test_clipcap_mlp_checkpoint_gives_the_original_logits(tmp_path, tokenizer_di
     # generate2 / generate_beam: entry_length 67, stop at "." only.
     assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids(".")]
     assert model.generation_config.max_new_tokens == 67
+    assert model.generation_config.forced_eos_token_id is None, "generate2 keeps a caption cut at the limit as it is"
     assert len(model.generate_captions(prefix, max_new_tokens=4)) == 3
 
 
@@ -260,6 +262,8 @@ def test_cgtgan_checkpoint_gives_the_original_logits_on_normalised_features(tmp_
     assert (config.clip_model_name, config.prefix_dim) == ("ViT-L-14", 768)
     assert config.normalize_prefix and not config.freeze_decoder
     assert model.generation_config.max_new_tokens == 20, "CgT-GAN's --max_gen_length"
+    assert model.generation_config.forced_eos_token_id == model.generation_config.eos_token_id, \
+        "CgT-GAN writes its eos token over the last token of a caption that reaches the limit"
     # CgT-GAN with --normalize_prefix feeds x/|x| to its model; the converted one normalises inside.
     prefix, tokens, mask = caption_batch(768)
     normalised = prefix / prefix.norm(dim=-1, keepdim=True)
@@ -307,41 +311,104 @@ def clipcap_generate2(model, tokenizer, embed, entry_length=67, top_p=0.8, tempe
     return tokens.squeeze(0).tolist()
 
 
+def cgtgan_generate(model, tokenizer, img_feats, max_length=20, eos_token="."):
+    """CgT-GAN's `generate_cap` and greedy `generate` (models.py) as its evaluation runs them: GPT-2 with its cache,
+    finished captions continued with <|endoftext|>, and the eos token written over the last token of every caption
+    still unfinished at max_length. Returns the token ids, a row per caption, and which captions were unfinished."""
+    input_embeds = model.clip_project(img_feats).view(-1, model.prefix_length, N_EMBD)
+    eos_token_id = tokenizer.encode(eos_token)[0]
+    pad_token_id = tokenizer.encode("<|endoftext|>")[0]
+    cur_unfinished = torch.ones(input_embeds.shape[0], dtype=torch.long)
+    past, token_ids, next_token, cur_len = None, None, None, 0
+    with torch.no_grad():
+        while cur_len < max_length:
+            if past is not None:
+                outputs = model.gpt(input_ids=next_token.unsqueeze(-1), cache=past)
+            else:
+                outputs = model.gpt(inputs_embeds=input_embeds)
+            past = outputs.cache
+            next_token = torch.argmax(outputs.logits[:, -1, :], dim=-1)
+            tokens_to_add = next_token * cur_unfinished + pad_token_id * (1 - cur_unfinished)
+            token_ids = tokens_to_add[:, None] if token_ids is None else torch.cat([token_ids, tokens_to_add[:, None]],
+                                                                                   dim=-1)
+            cur_unfinished = cur_unfinished.mul(next_token.ne(eos_token_id).long())
+            cur_len += 1
+            if cur_unfinished.max() == 0:
+                break
+        if cur_len == max_length:
+            token_ids[:, -1].masked_fill_(cur_unfinished.to(dtype=torch.bool), eos_token_id)
+    return token_ids, cur_unfinished.bool()
+
+
 @pytest.fixture(scope="module")
 def image_paths(tmp_path_factory) -> list[str]:
-    return write_random_images(tmp_path_factory.mktemp("images"), 3)
+    return write_random_images(tmp_path_factory.mktemp("images"), 8)
 
 
-def test_converted_clipcap_captions_images_through_the_pipeline_as_the_original_code(
-        tmp_path, tokenizer_dir, clip_name, image_paths):
+# Each source as its original code captions an image: CLIP embedding (raw, or divided by its norm as ClipCap's
+# transformer notebook does), mapper, greedy decoding to the original's length limit. The seed draws random weights
+# under which these images get captions of both kinds.
+SOURCES = {
+    "clipcap-mlp": dict(source="clipcap", mapping_type="mlp", normalise=False, limit=67, seed=0),
+    "clipcap-transformer": dict(source="clipcap", mapping_type="transformer", normalise=True, limit=67, seed=3),
+    "cgtgan": dict(source="cgtgan", mapping_type="mlp", normalise=False, limit=20, seed=0),
+}
+
+
+def original_captions(original, tokenizer, features, settings) -> tuple[list[list[int]], list[bool]]:
+    """The original code's caption tokens for each embedding, and whether each caption reached the length limit
+    unfinished (no "." of its own)."""
+    if settings["normalise"]:
+        features = features / features.norm(dim=-1, keepdim=True)
+    dot = tokenizer.convert_tokens_to_ids(".")
+    if settings["source"] == "cgtgan":
+        token_ids, unfinished = cgtgan_generate(original, tokenizer, features)
+        return [ids[: ids.index(dot) + 1] for ids in token_ids.tolist()], unfinished.tolist()
+    captions = []
+    for row in features:
+        embed = original.clip_project(row[None]).view(1, original.prefix_length, -1)
+        captions.append(clipcap_generate2(original, tokenizer, embed))
+    return captions, [len(ids) == settings["limit"] and ids[-1] != dot for ids in captions]
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_converted_models_caption_image_files_through_the_pipeline_as_the_original_code(
+        tmp_path, tokenizer_dir, clip_name, image_paths, name):
+    settings = SOURCES[name]
     clip_model, preprocess, _ = load_clip(clip_name)
-    raw = encode_images(clip_model, preprocess, image_paths, normalize=False)  # what parse_coco.py / predict.py feed
-    # A random CLIP maps all images close to one direction: centre the mapper on them and amplify, so the images
-    # get captions of their own; "." made likely enough that captions end before the length limit.
-    original = original_model(prefix_length=4, prefix_size=raw.shape[1], n_positions=128)
+    with torch.no_grad():  # the originals' image side: PIL image, CLIP's transform, encode_image
+        raw = clip_model.encode_image(torch.stack([preprocess(Image.open(path)) for path in image_paths]))
+    mapper_input = F.normalize(raw, dim=-1) if settings["normalise"] else raw
+    original = original_model(settings["seed"], prefix_length=4, prefix_size=raw.shape[1], n_positions=128,
+                              mapping_type=settings["mapping_type"], clip_length=3, num_layers=2)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     with torch.no_grad():
-        first = original.clip_project.model[0]
+        # A random CLIP maps all images close to one direction: centre the mapper's first layer on them and amplify,
+        # so the images get captions of their own; "." made likely enough that some captions end before the limit.
+        first = original.clip_project.model[0] if settings["mapping_type"] == "mlp" else original.clip_project.linear
         first.weight.mul_(30)
-        first.bias.copy_(-first.weight @ raw.mean(0))
+        first.bias.copy_(-first.weight @ mapper_input.mean(0))
         original.gpt.transformer.wte.weight[tokenizer.convert_tokens_to_ids(".")] *= 3
-    torch.save(original.state_dict(), tmp_path / "coco_weights.pt")
-    convert("clipcap", tmp_path / "coco_weights.pt", tmp_path / "out", tokenizer_dir, "--clip-model", clip_name,
+    torch.save(original.state_dict(), tmp_path / "weights.pt")
+    convert(settings["source"], tmp_path / "weights.pt", tmp_path / "out", tokenizer_dir, "--clip-model", clip_name,
             "--clip-pretrained", "")
 
-    expected = []
-    for features in raw:
-        embed = original.clip_project(features[None]).view(1, original.prefix_length, -1)
-        expected.append(tokenizer.decode(clipcap_generate2(original, tokenizer, embed), skip_special_tokens=True))
+    tokens, reached_limit = original_captions(original, tokenizer, raw, settings)
+    expected = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     captioner = pipeline(model=str(tmp_path / "out"), trust_remote_code=True)
-    captions = [output[0]["generated_text"] for output in captioner(image_paths)]
+    captions = [output[0]["generated_text"] for output in captioner(image_paths, batch_size=4)]
     model = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
 
+    assert any(reached_limit) and not all(reached_limit), "captions that end at '.' and captions cut at the limit"
+    assert len(set(expected)) > 1
+    assert all(len(ids) == settings["limit"] for ids, cut in zip(tokens, reached_limit) if cut)
+    if settings["source"] == "cgtgan":
+        assert all(caption.endswith(".") for caption in expected), "CgT-GAN writes '.' over the 20th token"
     assert captions == expected
-    assert model.caption_images(image_paths) == expected
-    assert len(set(expected)) > 1 and any(caption.endswith(".") for caption in expected)
-    normalised = model.generate_captions(F.normalize(raw, dim=-1), tokenizer=tokenizer)
-    assert normalised != expected, "fed normalised embeddings, the model would caption otherwise"
+    assert model.caption_images(image_paths, batch_size=3) == expected
+    if not settings["normalise"]:
+        normalised = model.generate_captions(F.normalize(raw, dim=-1), tokenizer=tokenizer)
+        assert normalised != expected, "fed normalised embeddings, the model would caption otherwise"
 
 
 @pytest.mark.parametrize("source", ["clipcap", "cgtgan"])
