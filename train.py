@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
@@ -43,6 +42,7 @@ from dataprep.clip import (
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
 from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
+from trainers.checkpoints import CheckpointError, CheckpointSaveError, resolve_resume
 
 # In-process the project's own classes serve the Auto API, so saved folders load without remote code.
 AutoConfig.register(SCSTClipCapConfig.model_type, SCSTClipCapConfig)
@@ -81,6 +81,12 @@ class ScriptArguments:
     )
     shapes_dir: str | None = field(
         default=None, metadata={"help": "Build the offline shapes world here first when it is missing."}
+    )
+    shapes_clip: str = field(
+        default="sighted",
+        metadata={"help": "Shapes world only: the recipe of the world's CLIP when shapes_dir is built (plain: "
+                          "contrastive on pairs only; sighted: scene tagging and hard negatives first).",
+                  "choices": ("plain", "sighted")},
     )
 
     # Model
@@ -184,7 +190,8 @@ def parse_stage(stage: str, recipe: dict, argv: list[str],
 
 
 def check_launch(state: PartialState):
-    """Refuse a multi-process launch that the accelerator does not see: its ranks would train unsynchronised."""
+    """Refuse a multi-process launch that the accelerator does not see: its ranks would train unsynchronised; and a
+    DeepSpeed config that `accelerate launch --cpu` dropped."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and state.num_processes != world_size:
         raise SystemExit(
@@ -192,6 +199,56 @@ def check_launch(state: PartialState):
             f"({state.distributed_type}): the ranks would not synchronise. On CPU launch with "
             "`torchrun --nproc_per_node N train.py ...`; on GPUs with `accelerate launch --multi_gpu ...`."
         )
+    dropped = deepspeed_config_dropped_by_cpu_launch()
+    if dropped:
+        config_file, num_processes = dropped
+        raise SystemExit(
+            f"`accelerate launch --cpu` dropped the DeepSpeed of {config_file}: it started this one process without "
+            f"DeepSpeed instead of {num_processes} under it, which would train unsharded; drop --cpu (DeepSpeed runs "
+            "on CPU processes, with DS_ACCELERATOR=cpu), or launch without the DeepSpeed config to train unsharded")
+
+
+def deepspeed_config_dropped_by_cpu_launch() -> tuple[str, int] | None:
+    """(config file, its process count) when this process was started by `accelerate launch --cpu --config_file X`
+    with a DeepSpeed config X, else None. Its CPU flag makes accelerate take the simple launcher, which starts one
+    process and exports nothing of the config's DeepSpeed (only ACCELERATE_USE_CPU, the mixed precision and a master
+    address), so the launcher's command line, that of this process's parent, is the one trace of it."""
+    import psutil
+
+    try:
+        parent = psutil.Process().parent()
+        return None if parent is None else dropped_deepspeed_config(parent.cmdline(), parent.cwd())
+    except psutil.Error:
+        return None
+
+
+def dropped_deepspeed_config(command: list[str], cwd: str) -> tuple[str, int] | None:
+    """(config file, its process count) when `command` (run in `cwd`) is an `accelerate launch --cpu` with a DeepSpeed
+    config, else None."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_arguments = None
+    for index, word in enumerate(command):
+        name = Path(word).name
+        if name == "accelerate.commands.launch":
+            launch_arguments = command[index + 1:]
+        elif name in ("accelerate", "accelerate.commands.accelerate_cli") and command[index + 1:][:1] == ["launch"]:
+            launch_arguments = command[index + 2:]
+        if launch_arguments is not None:
+            break
+    if launch_arguments is None:
+        return None
+    try:
+        launch = launch_command_parser().parse_args(launch_arguments)
+    except SystemExit:
+        return None
+    if not launch.cpu or launch.config_file is None:
+        return None
+    config = load_config_from_file(str(Path(cwd, launch.config_file)))
+    if config.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return launch.config_file, config.num_processes
 
 
 def sharding_request(argument, flag: str, environment_flag: str) -> str | None:
@@ -207,8 +264,9 @@ def refuse_dropped_sharding(trainer):
     accelerate makes FSDP of `--fsdp` (or of an accelerate config's FSDP) only for several processes on accelerators;
     on CPU processes it keeps MULTI_CPU (DDP), on one device no distribution at all. It makes DeepSpeed of
     `--deepspeed` (or of an accelerate config's DeepSpeed, exported as ACCELERATE_USE_DEEPSPEED) on CPU processes too
-    (gloo), but not when its own CPU flag is on (ACCELERATE_USE_CPU, which `accelerate launch --cpu` exports): then it
-    keeps MULTI_CPU or no distribution. The Trainer's `is_fsdp_enabled` / `is_deepspeed_enabled` say whether its
+    (gloo), but not when its own CPU flag is on (ACCELERATE_USE_CPU in the environment): then it keeps MULTI_CPU or no
+    distribution. (`accelerate launch --cpu` with a DeepSpeed config exports no DeepSpeed at all: `check_launch`
+    refuses that.) The Trainer's `is_fsdp_enabled` / `is_deepspeed_enabled` say whether its
     accelerator shards, once the Trainer has made it (FSDP on TPUs goes through torch_xla instead)."""
     state = trainer.accelerator.state
     # The accelerator sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED itself when the training arguments hand it a
@@ -227,8 +285,8 @@ def refuse_dropped_sharding(trainer):
             raise SystemExit(
                 f"DeepSpeed was asked for ({asked}) but accelerate runs {state.distributed_type} on "
                 f"{state.num_processes} {state.device.type} process(es) without it (accelerate drops DeepSpeed when "
-                "its CPU flag is on: ACCELERATE_USE_CPU, `accelerate launch --cpu`): unset that flag (DeepSpeed runs "
-                "on CPU processes without it), or drop the DeepSpeed request to train unsharded")
+                "its CPU flag is on: ACCELERATE_USE_CPU in the environment): unset that flag (DeepSpeed runs on CPU "
+                "processes without it), or drop the DeepSpeed request to train unsharded")
 
 
 def start_processes(config: InitConfig) -> PartialState:
@@ -245,21 +303,21 @@ def prepare_world(script: ScriptArguments, state: PartialState):
     if state.is_main_process:
         from dataprep.world import prepare_shapes, world_is_ready
 
-        if not world_is_ready(script.shapes_dir):
-            prepare_shapes(script.shapes_dir)
+        if not world_is_ready(script.shapes_dir, clip=script.shapes_clip):
+            prepare_shapes(script.shapes_dir, clip=script.shapes_clip)
     state.wait_for_everyone()
 
 
 def shapes_clip_lines(shapes_dir: str | None) -> list[str] | None:
     """The shapes world's CLIP figures (retrieval, modality gap, swap test) for the report, when the run has a world."""
-    from dataprep.world import built_world
+    from dataprep.world import built_world, clip_figures
 
     world = built_world(shapes_dir) if shapes_dir else None
     if world is None:
         return None
     from dataprep.shapes import clip_report
 
-    return clip_report(world["clip"]["test"])
+    return clip_report(clip_figures(Path(shapes_dir) / "raw", world))
 
 
 def check_table_exists(path: str, what: str):
@@ -421,23 +479,32 @@ def clip_s_metric(table, config: InitConfig):
 
 def flat_grounding(scores: dict) -> dict[str, float]:
     """Grounding scores as flat metric names: attribute_precision, attribute_recall, their harmonic mean
-    attribute_f1 (the shapes recipe's selection metric), colour_precision, ..."""
+    attribute_f1, parse_rate, fluent_attribute_precision / _recall / _f1, colour_precision, ..."""
     flat = {f"attribute_{name}": float(scores[name]) for name in ("precision", "recall") if scores[name] is not None}
     if scores["recall"] is not None:
         # Captions that name no attribute at all have no precision; their F1 is 0, as their recall is.
         precision, recall = flat.get("attribute_precision", 0.0), flat["attribute_recall"]
         flat["attribute_f1"] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     flat["distinct_scene_caption_share"] = scores["distinct_scene_caption_share"]
+    # The shapes recipe's selection metric: the same F1 where a repeated mention or a caption out of the world's
+    # grammar cannot score (see dataprep.shapes.fluent_grounding).
+    flat["parse_rate"] = scores["parse_rate"]
+    flat["fluent_attribute_precision"] = scores["fluent_precision"]
+    flat["fluent_attribute_recall"] = scores["fluent_recall"]
+    total = scores["fluent_precision"] + scores["fluent_recall"]
+    flat["fluent_attribute_f1"] = 2 * scores["fluent_precision"] * scores["fluent_recall"] / total if total else 0.0
     for kind, values in scores["per_type"].items():
         flat.update({f"{kind}_{name}": float(value) for name, value in values.items() if value is not None})
     return flat
 
 
-def verify_ranks_agree(model, state: PartialState) -> str | None:
+def verify_ranks_agree(model) -> str | None:
     """A fingerprint of the weights, identical on every rank, or a loud failure. FSDP's sharded tensors are gathered
-    whole (in the same order on every rank); under DeepSpeed ZeRO-3 each rank holds only its partition, kept
-    consistent by the engine, and there is nothing to compare (None)."""
-    if state.distributed_type == DistributedType.DEEPSPEED and AcceleratorState().deepspeed_plugin.zero_stage == 3:
+    whole (in the same order on every rank). A model that DeepSpeed ZeRO-3 partitions (its parameters carry the
+    `ds_id` DeepSpeed marks them with, as its own `is_zero_param` reads) is held in part by each rank, kept consistent
+    by the engine, and there is nothing to compare (None); a network it does not partition (the discriminator, built
+    outside `zero.Init`) is whole on every rank and compared as under any other launch."""
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
         return None
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -516,16 +583,20 @@ def train_and_save(trainer, script: ScriptArguments, state: PartialState, output
     """Train (or resume), save the final model, its training log and `run_info.json`; checks that the ranks agree
     on the captioner's weights and on those of any other trained `networks` ({name: module})."""
     refuse_dropped_sharding(trainer)
+    checkpoint = resume_point(trainer, state)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except CheckpointSaveError as error:
+        raise SystemExit(str(error))
     minutes = (time.perf_counter() - started) / 60
     trainer.save_model(str(output_dir / "final"))
-    fingerprint = verify_ranks_agree(trainer.accelerator.unwrap_model(trainer.model), state)
+    fingerprint = verify_ranks_agree(trainer.accelerator.unwrap_model(trainer.model))
     info = {"stage": script.stage, "distributed_type": str(state.distributed_type),
             "num_processes": state.num_processes, "weights_sha256": fingerprint,
             "train_minutes": round(minutes, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
             "global_step": trainer.state.global_step}
-    info.update({f"{name}_sha256": verify_ranks_agree(module, state) for name, module in (networks or {}).items()})
+    info.update({f"{name}_sha256": verify_ranks_agree(module) for name, module in (networks or {}).items()})
     if hasattr(trainer, "skipped_steps"):
         info["skipped_steps"] = trainer.skipped_steps
     if state.is_main_process:
@@ -533,6 +604,21 @@ def train_and_save(trainer, script: ScriptArguments, state: PartialState, output
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         make_final_pipeline_ready(output_dir / "final")
     return info
+
+
+def resume_point(trainer, state: PartialState) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names, said aloud: `latest` (or `true`) is the newest complete
+    checkpoint of the stage's output folder (none there: the stage starts from the beginning); a path must be a
+    complete checkpoint."""
+    request = trainer.args.resume_from_checkpoint
+    try:
+        checkpoint = resolve_resume(request, trainer.args.output_dir)
+    except CheckpointError as error:
+        raise SystemExit(str(error))
+    if request and state.is_main_process:
+        print(f"resuming from {checkpoint}" if checkpoint else
+              f"no complete checkpoint in {trainer.args.output_dir}: starting from the beginning", flush=True)
+    return checkpoint
 
 
 def make_final_pipeline_ready(final_dir: Path):
@@ -613,21 +699,44 @@ def main(argv: list[str] | None = None):
         figures = write_figures(run_dir, script.test_table, script.images_dir, script.test_scenes)
         print(f"report: {write_report(run_dir, results, figures, shapes_clip_lines(script.shapes_dir))}")
     if state.num_processes > 1:
-        # Torn down before the interpreter exits, so that no rank aborts on a still-running communication thread.
+        # The backends' documented shutdown. It does not stop gloo's worker threads: see end_rank.
         state.destroy_process_group()
     return results
 
 
-def run_from_command_line():
+def end_rank(status: int):
+    """Exit with `status`; a rank of a multi-process run (WORLD_SIZE > 1) exits without the interpreter's
+    finalization, once its atexit callbacks have run and its output is flushed.
+
+    With torch 2.14.1's gloo backend a rank could otherwise abort after its work was done ("terminate called without
+    an active exception", SIGABRT; pytorch/pytorch#190489). A gloo worker thread drops its reference to a collective
+    only after the caller's wait() has returned; when the caller has already dropped the tensors, that thread releases
+    their Python objects itself: torch checks Py_IsInitialized(), then takes the GIL, and if the main thread began
+    finalizing in between, CPython ends the thread (pthread_exit) inside a noexcept destructor: std::terminate. Neither
+    destroy_process_group() nor anything else short of the ProcessGroup's destructor stops those threads, and FSDP2's
+    DeviceMesh (kept in DTensor's caches) or DDP hold the ProcessGroup until the process ends. Without finalization no
+    thread can reach that window; the atexit callbacks run first, while the interpreter is whole."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(status)
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_from_command_line(argv: list[str] | None = None):
     """`main()`, with a user's mistake (a missing table, a wrong path or setting) as one line on stderr and exit
-    code 2 instead of a traceback."""
+    code 2 instead of a traceback; each rank of a multi-process run ends through `end_rank`."""
     try:
-        main()
+        main(argv)
     except SystemExit as stop:
         if isinstance(stop.code, str):
             print(f"error: {stop.code}", file=sys.stderr)
-            sys.exit(2)
+            end_rank(2)
         raise
+    end_rank(0)
 
 
 if __name__ == "__main__":

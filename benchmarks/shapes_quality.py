@@ -1,32 +1,36 @@
-"""What each part of the method is worth on the shapes world, over seeds, with a control that does nothing.
+"""What each part of the method is worth on the shapes world, over seeds, with controls that must gain nothing.
 
-    python benchmarks/shapes_quality.py --seeds 3                       # every row below, 3 seeds
-    python benchmarks/shapes_quality.py --seeds 3 --rows scst noop      # some rows (init and its sweep always run)
-    python benchmarks/shapes_quality.py --seed 1 --noise_levels 0.1     # one seed, noise already chosen on validation
-    python benchmarks/shapes_quality.py --seeds 1 --max_steps 100       # extra flags go to every training stage
+    python benchmarks/shapes_quality.py --seeds 3                                   # plain CLIP, in-domain corpus
+    python benchmarks/shapes_quality.py --seeds 3 --corpus cross_domain --scst_steps 1000   # where hacking shows
+    python benchmarks/shapes_quality.py --world_dir data/shapes_sighted --seed 1 --rows init clip_only mix
+    python benchmarks/shapes_quality.py --seeds 3 --summary_only
 
-Each seed redraws the captioner's initial weights, the discriminator's and the sampling; the world (data/shapes,
-built by `python train.py` or `prepare_datasets.py shapes`) stays fixed. Every choice is made on the validation split:
-the init's noise level (the best of a sweep by the recipe's selection metric on validation), every stage's checkpoint
-(its own best on validation, the starting model included for scst). The test split is read once per reported row.
+A setting is a world (its CLIP: `plain` or `sighted`, read from the world's own summary) and a corpus (`in_domain`:
+the references' phrasing; `cross_domain`: other templates and synonyms). Each seed redraws the captioner's and the
+discriminator's initial weights and the sampling; the world stays fixed. Every choice is made on the validation split
+and recorded by the code in `choices` (the init's noise level, the mix's semantic share); the test split is read once
+per reported row.
 
-Rows, each from the recipe `configs/shapes.yaml` with one change, scst variants all from the seed's best init:
-- `init`: text-only init at the noise level chosen on validation (the sweep's other levels are not reported);
-- `scst`: the recipe's scst stage;
-- `noop`: the same stage at learning rate 0, the control: a stage that does nothing must show no gain;
-- `semantic_only` / `mixed_rewards` / `discriminator_only`: reward_weight 1 / 0.5 / 0 (the recipe's is chosen among them
-  on validation);
-- `greedy_baseline`: the self-critical greedy baseline instead of the mean of the other samples;
-- `clip_agg`: the semantic reward on CLIP-agg (the image's aggregated corpus embedding) instead of CLIP-cos;
-- `supervised`: the same model trained on every reference of every training image, the upper bound;
-- `cross_domain_init`, `cross_domain_scst`: init and scst with the cross-domain corpus (other phrasings, synonyms).
+Rows, each the recipe `configs/shapes.yaml` with one change, every scst row from the seed's chosen init:
+- `init`: text-only init at the noise level best on validation (`--noise_levels`);
+- `noop`: scst at learning rate 0, the control of a stage that does nothing;
+- `clip_only` / `discriminator_only`: the semantic reward alone (share 1) / the discriminator's alone (share 0);
+- `mix`: the project's mix at the semantic share best on validation among `--mix_shares` (all below 1), each
+  candidate also reported as `mix_<share>`;
+- `cgtgan`: CgT-GAN's defaults (see `CGTGAN`): raw-scale mix, greedy baseline, CLIP-agg, naturalness-only steps then
+  a linear ramp to share 0.5;
+- `shuffled`: the chosen mix with each caption's semantic reward computed against another image, the control of a
+  reward that does not know the image;
+- `supervised`: the same model trained on every reference of every training image, the upper bound.
 
-Each seed's test metrics and choices go to `seed_<n>/results.json` after every row (a rerun skips the rows already
-measured), and `quality.json` / `quality.md` (mean ± sd over the seeds per row) into `--output_dir`. Seeds can run
-side by side, one per core: `--seed 0 &` and `--seed 1 &`, then `--summary_only`.
+Results are keyed by a hash of a row's full settings (world, corpus, flags, the recipe file, the init it starts
+from): a row measured under other settings is never reported again, and its folder is not reused. Written to
+`--output_dir/<world>_<corpus>/`: `seed_<n>/results.json` after every row, `quality.json` and `quality.md` (mean ± sd
+per row, paired per-seed differences, validation trajectories) and `trajectories.png`.
 """
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -37,85 +41,161 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import train  # noqa: E402
 
-RECIPE = str(PROJECT_ROOT / "configs" / "shapes.yaml")
-NOISE_LEVELS = (0.05, 0.1, 0.2, 0.3)
-TABLES = "data/shapes/tables"
-SCST_VARIANTS = {
-    "scst": (),
+RECIPE = PROJECT_ROOT / "configs" / "shapes.yaml"
+NOISE_LEVELS = (0.05, 0.1, 0.2)
+MIX_SHARES = (0.5, 0.8)
+# CgT-GAN's defaults (its cgtgan.py): share 0.5, naturalness alone for 150 steps then a linear ramp over 2350 steps of
+# 128 images, raw-scale mix of the two policy-gradient losses, greedy baseline, semantic reward CLIP-agg only (0.5
+# cosine + 0.5 L1). Deviations: the steps are a tenth of CgT-GAN's (a shapes run is a few hundred steps of 32 images,
+# not 44k steps of 128); its L1 takes raw CLIP features where ours takes unit vectors; its discriminator's dropout
+# and its per-sequence mean log-probability are not reproduced (see `trainers/scst_trainer.py`).
+CGTGAN = ("--advantage_scaling", "none", "--baseline", "greedy", "--reward_weight", "0.5", "--reward_ramp", "linear",
+          "--gan_training_steps", "15", "--gan_warm_steps", "235", "--clip_cos_weight", "0", "--agg_cos_weight", "0.5",
+          "--agg_l1_weight", "0.5")
+SCST_ROWS = {
     "noop": ("--learning_rate", "0"),
-    "semantic_only": ("--reward_weight", "1.0"),
-    "mixed_rewards": ("--reward_weight", "0.5"),
+    "clip_only": ("--reward_weight", "1.0"),
     "discriminator_only": ("--reward_weight", "0.0"),
-    "greedy_baseline": ("--baseline", "greedy"),
-    "clip_agg": ("--clip_cos_weight", "0", "--agg_cos_weight", "1"),
+    "cgtgan": CGTGAN,
 }
-CROSS_DOMAIN = {
-    "init": ("--corpus_table", f"{TABLES}/corpus/cross_domain_init",
-             "--pseudo_pairs_table", f"{TABLES}/shapes/train_pseudo_pairs_cross_domain"),
-    "scst": ("--corpus_table", f"{TABLES}/corpus/cross_domain_real",
-             "--train_table", f"{TABLES}/shapes/train_agg_cross_domain"),
-}
-ROWS = ("init", *SCST_VARIANTS, "supervised", "cross_domain_init", "cross_domain_scst")
-COLUMNS = ("cider", "bleu_4", "attribute_precision", "attribute_recall", "attribute_f1", "clip_s", "caption_length",
-           "distinct_scene_caption_share")
-FAMILIES = ("colour", "shape", "size", "texture", "position", "relation", "background")
+ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "cgtgan", "shuffled", "supervised")
+COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribute_recall", "parse_rate",
+           "repeated_word_share", "distinct_2", "caption_length", "attribute_f1", "cider", "bleu_4", "clip_s",
+           "discriminator_accuracy_real", "discriminator_accuracy_fake")
+PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
+         ("cgtgan", "init"), ("shuffled", "init"), ("noop", "init"))
+PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
+TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
 
-def train_stage(stage: str, output_dir: Path, seed: int, *flags: str) -> Path:
-    """One stage of the recipe into `output_dir/<stage>`; returns its final model folder."""
-    train.main(["--config", RECIPE, "--stage", stage, "--output_dir", str(output_dir), "--seed", str(seed), *flags])
-    return output_dir / stage / "final"
+class Setting:
+    """A world and a corpus: the flags every stage needs to read them, and where their results go."""
+
+    def __init__(self, world_dir: Path, corpus: str, output_dir: Path, extra: list[str], scst_steps: int | None):
+        world = json.loads((world_dir / "raw" / "world.json").read_text())
+        self.clip = world["clip"].get("recipe", "sighted")
+        self.world_dir, self.corpus, self.extra, self.scst_steps = world_dir, corpus, extra, scst_steps
+        self.identity = {"world": str(world_dir), "clip": self.clip, "world_seed": world["seed"],
+                         "world_version": world["version"], "corpus": corpus}
+        self.output_dir = output_dir / f"{self.clip}_{corpus}"
+
+    def flags(self, stage: str) -> list[str]:
+        tables, raw = self.world_dir / "tables", self.world_dir / "raw"
+        flags = ["--shapes_dir", str(self.world_dir), "--shapes_clip", self.clip,
+                 "--val_table", f"{tables}/shapes/val", "--test_table", f"{tables}/shapes/test",
+                 "--val_scenes", f"{raw}/scenes/val.json", "--test_scenes", f"{raw}/scenes/test.json",
+                 "--images_dir", f"{raw}/images"]
+        if stage in ("init", "supervised"):  # the later stages read the tokenizer saved with their model
+            flags += ["--tokenizer_name_or_path", f"{raw}/tokenizer"]
+        if stage == "init":
+            flags += ["--corpus_table", f"{tables}/corpus/{self.corpus}_init", "--train_table",
+                      f"{tables}/shapes/train", "--pseudo_pairs_table",
+                      f"{tables}/shapes/train_pseudo_pairs_{self.corpus}"]
+        elif stage == "scst":
+            flags += ["--corpus_table", f"{tables}/corpus/{self.corpus}_real", "--train_table",
+                      f"{tables}/shapes/train_agg_{self.corpus}"]
+            if self.scst_steps:  # a longer run evaluates as often in all (a dozen times), and keeps its checkpoints
+                every = str(max(25, self.scst_steps // 12))
+                flags += ["--max_steps", str(self.scst_steps), "--eval_steps", every, "--save_steps", every]
+        elif stage == "supervised":
+            flags += ["--train_table", f"{tables}/shapes/train"]
+        return flags + list(self.extra) if stage != "eval" else flags
+
+    def key(self, row: str, stage: str, flags: tuple[str, ...], start: str | None = None) -> str:
+        """A hash of the stage's full settings as `train.py` would run them (the recipe, the world's flags and the
+        row's, the model it starts from): a change to any of them, in the recipe file or here, is another key."""
+        script, config = train.parse_stage(stage, train.read_recipe(str(RECIPE)), [
+            *self.flags(stage), *flags, *(["--model_name_or_path", start] if start else [])])
+        settings = {**vars(script), **config.to_dict()}
+        settings = {name: value for name, value in settings.items()
+                    if not name.endswith(("output_dir", "logging_dir")) and not name.startswith("hub_")}
+        return hashlib.sha256(json.dumps({**self.identity, "row": row, "settings": settings}, sort_keys=True,
+                                         default=str).encode()).hexdigest()[:12]
 
 
-def best_validation(output_dir: Path, stage: str) -> float:
-    """The stage's best value of the recipe's selection metric on validation (its trainer state)."""
-    state = json.loads((output_dir / stage / "trainer_state.json").read_text())
-    if state.get("best_metric") is None:
-        raise SystemExit(f"{output_dir / stage} recorded no validation metric: the recipe must evaluate on val")
-    return state["best_metric"]
+class SeedRun:
+    """One seed of a setting: trains what a row needs (unless a run with the same key finished), reads test once."""
 
+    def __init__(self, setting: Setting, seed: int):
+        self.setting, self.seed = setting, seed
+        self.dir = setting.output_dir / f"seed_{seed}"
+        self.results_file = self.dir / "results.json"
+        self.results = json.loads(self.results_file.read_text()) if self.results_file.is_file() \
+            else {"rows": {}, "choices": {}}
 
-def test_metrics(final: Path, output_dir: Path) -> dict:
-    """The one read of the test split for a reported row."""
-    results = train.main(["--config", RECIPE, "--stage", "eval", "--model_name_or_path", str(final),
-                          "--output_dir", str(output_dir)])
-    return results["eval"][str(final)]
+    def save(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.results_file.write_text(json.dumps(self.results, indent=1))
 
+    def train(self, row: str, stage: str, flags: tuple[str, ...], start: str | None = None) -> dict:
+        """The row's entry (trained now or earlier under the same key): its final model, best validation metric
+        and validation trajectory."""
+        key = self.setting.key(row, stage, flags, start)
+        entry = self.results["rows"].get(key)
+        if entry is not None:
+            return entry
+        output_dir = self.dir / f"{row}-{key}"
+        train.main(["--config", str(RECIPE), "--stage", stage, "--output_dir", str(output_dir), "--seed",
+                    str(self.seed), *self.setting.flags(stage), *(["--model_name_or_path", start] if start else []),
+                    *flags])
+        state = json.loads((output_dir / stage / "trainer_state.json").read_text())
+        if state.get("best_metric") is None:
+            raise SystemExit(f"{output_dir / stage} recorded no validation metric: the recipe must evaluate on val")
+        entry = {"row": row, "key": key, "stage": stage, "flags": list(flags), "start": start,
+                 "final": str(output_dir / stage / "final"),
+                 "validation_best": state["best_metric"], "best_checkpoint": state.get("best_model_checkpoint"),
+                 "trajectory": {str(e["step"]): {name[5:]: e[name] for name in e if name[5:] in TRAJECTORY}
+                                for e in state["log_history"] if "eval_cider" in e}}
+        self.results["rows"][key] = entry
+        self.save()
+        return entry
 
-def best_init(seed_dir: Path, seed: int, noise_levels: list[float],
-              extra: list[str]) -> tuple[Path, float, dict[float, float]]:
-    """The noise sweep of text-only init: the model and level with the best validation metric, and every level's."""
-    validation = {}
-    for level in noise_levels:
-        output_dir = seed_dir / f"init_noise_{level}"
-        if not (output_dir / "init" / "final").is_dir():
-            train_stage("init", output_dir, seed, "--noise_std", str(level), *extra)
-        validation[level] = best_validation(output_dir, "init")
-    level = max(validation, key=validation.get)
-    return seed_dir / f"init_noise_{level}" / "init" / "final", level, validation
+    def test(self, name: str, entry: dict) -> dict:
+        """The row's one read of the test split, kept under the row's key."""
+        if "test" not in entry:
+            results = train.main(["--config", str(RECIPE), "--stage", "eval", "--model_name_or_path", entry["final"],
+                                  "--output_dir", str(Path(entry["final"]).parent.parent),
+                                  *self.setting.flags("eval")])
+            entry["test"] = results["eval"][entry["final"]]
+            self.save()
+        self.results.setdefault("report", {})[name] = entry["key"]
+        return entry
 
+    def best_init(self, noise_levels: list[float]) -> dict:
+        candidates = {level: self.train(f"init_noise_{level}", "init", ("--noise_std", str(level)))
+                      for level in noise_levels}
+        level = max(candidates, key=lambda value: candidates[value]["validation_best"])
+        self.results["choices"]["noise_std"] = level
+        self.results["choices"]["init_validation_by_noise"] = {str(k): v["validation_best"]
+                                                               for k, v in candidates.items()}
+        return candidates[level]
 
-def run_row(row: str, seed_dir: Path, seed: int, init_model: Path, noise: float, extra: list[str]) -> dict:
-    """Train what the row needs (from the seed's chosen init) and read its test metrics once."""
-    output_dir = seed_dir / row
-    if row == "init":
-        return test_metrics(init_model, output_dir)
-    if row in SCST_VARIANTS:
-        final = train_stage("scst", output_dir, seed, "--model_name_or_path", str(init_model), *SCST_VARIANTS[row],
-                            *extra)
-    elif row == "supervised":
-        final = train_stage("supervised", output_dir, seed, *extra)
-    elif row == "cross_domain_init":
-        final = train_stage("init", seed_dir / "cross_domain", seed, "--noise_std", str(noise),
-                            *CROSS_DOMAIN["init"], *extra)
-    else:
-        init = seed_dir / "cross_domain" / "init" / "final"
-        if not init.is_dir():
-            train_stage("init", seed_dir / "cross_domain", seed, "--noise_std", str(noise), *CROSS_DOMAIN["init"],
-                        *extra)
-        final = train_stage("scst", seed_dir / "cross_domain", seed, "--model_name_or_path", str(init),
-                            *CROSS_DOMAIN["scst"], *extra)
-    return test_metrics(final, output_dir)
+    def best_mix(self, start: str, shares: list[float]) -> dict:
+        candidates = {share: self.train(f"mix_{share}", "scst", ("--reward_weight", str(share)), start)
+                      for share in shares}
+        share = max(candidates, key=lambda value: candidates[value]["validation_best"])
+        self.results["choices"]["semantic_share"] = share
+        self.results["choices"]["mix_validation_by_share"] = {str(k): v["validation_best"]
+                                                              for k, v in candidates.items()}
+        for candidate, entry in candidates.items():
+            self.test(f"mix_{candidate}", entry)
+        return candidates[share]
+
+    def run(self, rows: list[str], noise_levels: list[float], shares: list[float]):
+        init = self.best_init(noise_levels)
+        self.test("init", init)
+        for row in rows:
+            if row == "mix":
+                self.test("mix", self.best_mix(init["final"], shares))
+            elif row == "shuffled":  # the chosen mix, its semantic reward computed against another image
+                share = self.best_mix(init["final"], shares)["flags"][-1]
+                self.test(row, self.train(row, "scst", ("--shuffle_semantic_reward", "true", "--reward_weight", share),
+                                          init["final"]))
+            elif row == "supervised":
+                self.test(row, self.train(row, "supervised", ()))
+            elif row in SCST_ROWS:
+                self.test(row, self.train(row, "scst", SCST_ROWS[row], init["final"]))
+            self.save()
 
 
 def mean_sd(values: list[float]) -> str:
@@ -124,75 +204,130 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def summary_table(per_seed: dict[str, dict[int, dict]], columns: tuple[str, ...]) -> str:
-    """Mean ± sd over the seeds, one row per variant."""
-    present = [c for c in columns if any(c in m for seeds in per_seed.values() for m in seeds.values())]
+def reported(setting: Setting, seeds: list[int]) -> tuple[dict[str, dict[int, dict]], dict]:
+    """{row: {seed: entry}} of the rows each seed reports under the current settings, and each seed's choices."""
+    rows, choices = {}, {}
+    for seed in seeds:
+        run = SeedRun(setting, seed)
+        choices[seed] = run.results["choices"]
+        for name, key in run.results.get("report", {}).items():
+            entry = run.results["rows"].get(key)
+            # A row measured under other settings (recipe, world, flags) has another key: it is not reported.
+            if entry and "test" in entry and key == setting.key(entry["row"], entry["stage"], tuple(entry["flags"]),
+                                                                entry["start"]):
+                rows.setdefault(name, {})[seed] = entry
+    order = [*ROWS, *sorted(name for name in rows if name not in ROWS)]
+    return {name: rows[name] for name in order if name in rows}, choices
+
+
+def summary_table(rows: dict[str, dict[int, dict]], columns: tuple[str, ...]) -> str:
+    present = [c for c in columns if any(c in e["test"] for seeds in rows.values() for e in seeds.values())]
     lines = ["| row | seeds | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
-    for row, seeds in per_seed.items():
-        cells = [mean_sd([m[c] for m in seeds.values() if c in m]) if any(c in m for m in seeds.values()) else "–"
-                 for c in present]
-        lines.append(f"| {row} | {len(seeds)} | " + " | ".join(cells) + " |")
+    for name, seeds in rows.items():
+        cells = [mean_sd([e["test"][c] for e in seeds.values() if c in e["test"]])
+                 if any(c in e["test"] for e in seeds.values()) else "–" for c in present]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_summary(output_dir: Path, seeds: list[int]) -> str:
-    """`quality.md` and `quality.json` from the seeds' results found in `output_dir`."""
-    per_seed, choices = {}, {}
-    for seed in seeds:
-        results_file = output_dir / f"seed_{seed}" / "results.json"
-        if results_file.is_file():
-            saved = json.loads(results_file.read_text())
-            choices[seed] = saved["choices"]
-            for row, metrics in saved["test"].items():
-                per_seed.setdefault(row, {})[seed] = metrics
-    # The protocol's rows first; rows kept from earlier settings of a seed (named after them) after.
-    per_seed = {row: per_seed[row] for row in sorted(per_seed, key=lambda row: (row not in ROWS, ROWS.index(row)
-                                                                                 if row in ROWS else 0, row))}
-    (output_dir / "quality.json").write_text(json.dumps({"test": per_seed, "choices": choices}, indent=1))
-    families = tuple(f"{family}_{kind}" for family in FAMILIES for kind in ("precision", "recall"))
-    markdown = "\n".join([
-        "# Shapes world: test split, mean ± sd over seeds", "",
-        "Every setting and checkpoint was chosen on validation; test was read once per row and seed.", "",
-        summary_table(per_seed, COLUMNS), "", "## Attribute precision and recall per family", "",
-        summary_table(per_seed, families), "", "## Choices made on validation", "",
-        "```json", json.dumps(choices, indent=1), "```", ""])
-    (output_dir / "quality.md").write_text(markdown)
+def paired_table(rows: dict[str, dict[int, dict]]) -> str:
+    """Per-seed differences between two rows (same seed, same init), mean ± sd over the seeds."""
+    lines = ["| difference | seeds | " + " | ".join(PAIRED_COLUMNS) + " |", "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+    for first, second in PAIRS:
+        seeds = sorted(set(rows.get(first, {})) & set(rows.get(second, {})))
+        if not seeds:
+            continue
+        cells = [mean_sd([rows[first][s]["test"][c] - rows[second][s]["test"][c] for s in seeds])
+                 for c in PAIRED_COLUMNS]
+        lines.append(f"| {first} − {second} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_trajectories(rows: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict[str, float]]]:
+    """{row: {step: {metric: mean over seeds}}} of the scst rows' validation evaluations."""
+    trajectories = {}
+    for name, seeds in rows.items():
+        steps = sorted({int(step) for e in seeds.values() for step in e.get("trajectory", {})})
+        if name in ("init", "supervised") or len(steps) < 2:
+            continue
+        trajectories[name] = {step: {m: statistics.mean(e["trajectory"][str(step)][m] for e in seeds.values()
+                                                        if m in e["trajectory"].get(str(step), {}))
+                                     for m in TRAJECTORY} for step in steps
+                              if all(str(step) in e["trajectory"] for e in seeds.values())}
+    return trajectories
+
+
+def plot_trajectories(trajectories: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(TRAJECTORY), figsize=(4.2 * len(TRAJECTORY), 3.4))
+    for axis, metric in zip(axes, TRAJECTORY):
+        for name, steps in trajectories.items():
+            axis.plot(list(steps), [values[metric] for values in steps.values()], label=name, marker=".")
+        axis.set_title(f"validation {metric}")
+        axis.set_xlabel("scst step")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary(setting: Setting, seeds: list[int]) -> str:
+    rows, choices = reported(setting, seeds)
+    trajectories = mean_trajectories(rows)
+    out = setting.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(
+        {"setting": setting.identity, "scst_steps": setting.scst_steps, "choices": choices,
+         "test": {name: {str(s): e["test"] for s, e in seeds_.items()} for name, seeds_ in rows.items()},
+         "trajectories": trajectories}, indent=1))
+    if trajectories:
+        plot_trajectories(trajectories, out / "trajectories.png")
+    lines = [f"# Shapes world, {setting.clip} CLIP, {setting.corpus} corpus: test split, mean ± sd over seeds", "",
+             "Every setting and checkpoint was chosen on validation; test was read once per row and seed. "
+             f"Scst rows trained {setting.scst_steps or 'the recipe'}'s steps.", "",
+             summary_table(rows, COLUMNS), "", "## Paired differences (same seed, same init)", "",
+             paired_table(rows), ""]
+    for name, steps in trajectories.items():
+        lines += [f"## Validation trajectory: {name} (mean over seeds)", "",
+                  "| step | " + " | ".join(TRAJECTORY) + " |", "|---|" + "---|" * len(TRAJECTORY),
+                  *[f"| {step} | " + " | ".join(f"{values[m]:.3f}" for m in TRAJECTORY) + " |"
+                    for step, values in steps.items()], ""]
+    lines += ["## Choices made on validation (by the code)", "", "```json", json.dumps(choices, indent=1), "```", ""]
+    markdown = "\n".join(lines)
+    (out / "quality.md").write_text(markdown)
     return markdown
-
-
-def run_seed(seed: int, rows: list[str], output_dir: Path, noise_levels: list[float], extra: list[str]):
-    """Every row of one seed; its results are written after each row, so an interrupted run keeps them."""
-    seed_dir = output_dir / f"seed_{seed}"
-    results_file = seed_dir / "results.json"
-    saved = json.loads(results_file.read_text()) if results_file.is_file() else {"test": {}}
-    init_model, noise, validation = best_init(seed_dir, seed, noise_levels, extra)
-    saved["choices"] = {"noise_std": noise, "init_validation_by_noise": validation}
-    for row in rows:
-        if row not in saved["test"]:
-            saved["test"][row] = run_row(row, seed_dir, seed, init_model, noise, extra)
-            results_file.write_text(json.dumps(saved, indent=1))
-    results_file.write_text(json.dumps(saved, indent=1))
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world_dir", type=Path, default=Path("data/shapes"), help="a built shapes world")
+    parser.add_argument("--corpus", choices=("in_domain", "cross_domain"), default="in_domain")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
     parser.add_argument("--seed", type=int, help="run this one seed only (several can run side by side); the "
-                                                 "summary covers every seed of --seeds found in --output_dir")
+                                                 "summary covers every seed of --seeds found")
     parser.add_argument("--summary_only", action="store_true", help="only gather the seeds' results")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to report")
-    parser.add_argument("--noise_levels", nargs="+", type=float, default=list(NOISE_LEVELS),
-                        help="init noise levels swept per seed (one level: a choice already made on validation)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to report (init always)")
+    parser.add_argument("--noise_levels", nargs="+", type=float, default=list(NOISE_LEVELS))
+    parser.add_argument("--mix_shares", nargs="+", type=float, default=list(MIX_SHARES),
+                        help="semantic shares the mix is chosen among on validation (each below 1)")
+    parser.add_argument("--scst_steps", type=int, default=None, help="steps of every scst row (default: the recipe's)")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/shapes_quality"))
     args, extra = parser.parse_known_args(argv)
-    if not (Path(TABLES) / "manifest.json").is_file():
-        raise SystemExit(f"{TABLES} is missing: build the world first (`python prepare_datasets.py shapes`)")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not (args.world_dir / "tables" / "manifest.json").is_file():
+        raise SystemExit(f"{args.world_dir} holds no prepared world: `python prepare_datasets.py shapes --output "
+                         f"{args.world_dir}` first")
+    if any(not 0 <= share < 1 for share in args.mix_shares):
+        raise SystemExit(f"--mix_shares are semantic shares below 1 (1 is clip_only), got {args.mix_shares}")
+    setting = Setting(args.world_dir, args.corpus, args.output_dir, extra, args.scst_steps)
+    seeds = [args.seed] if args.seed is not None else list(range(args.seeds))
     if not args.summary_only:
-        for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            run_seed(seed, args.rows, args.output_dir, args.noise_levels, extra)
-    markdown = write_summary(args.output_dir, sorted({*range(args.seeds), *([args.seed] if args.seed is not None
-                                                                              else [])}))
+        for seed in seeds:
+            SeedRun(setting, seed).run(args.rows, args.noise_levels, args.mix_shares)
+    markdown = write_summary(setting, sorted({*range(args.seeds), *seeds}))
     print(markdown)
     return markdown
 

@@ -25,18 +25,30 @@ from .common import ClipRequest, RunOptions
 from .corpus import prepare_corpus
 from .images import prepare_coco
 from .neighbors import aggregate, pseudo_pairs
-from .shapes import WORLD_VERSION, build_world, clip_report
+from .shapes import WORLD_VERSION, build_world, clip_report, evaluate_saved_clip, split_references
 
 CORPORA = ("in_domain", "cross_domain")
 GROUP = "shapes"
 
 
-def _world_matches(world: dict, seed: int, sizes: dict) -> bool:
-    """Whether an existing world was built by this code's version, with this seed and these image / corpus counts."""
+def _world_matches(world: dict, seed: int, sizes: dict, clip: str = "sighted") -> bool:
+    """Whether an existing world was built by this code's version, with this seed, CLIP recipe and these image /
+    corpus counts."""
     built = {**{f"n_{split}": count for split, count in world.get("images", {}).items()},
              **{f"n_{name}": count for name, count in world.get("corpus_sentences", {}).items()}}
-    return world.get("version") == WORLD_VERSION and world.get("seed") == seed and all(
-        built.get(key) == value for key, value in sizes.items() if key.startswith("n_"))
+    return world.get("version") == WORLD_VERSION and world.get("seed") == seed \
+        and world.get("clip", {}).get("recipe", "sighted") == clip \
+        and all(built.get(key) == value for key, value in sizes.items() if key.startswith("n_"))
+
+
+def clip_figures(raw: Path, world: dict) -> dict:
+    """The world CLIP's validation figures; a world whose summary predates them is measured now and its summary
+    updated (the CLIP and its world are unchanged)."""
+    if "validation" not in world["clip"]:
+        world["clip"]["validation"] = evaluate_saved_clip(raw, split_references(raw, "val"), "val")
+        world["clip"].pop("test", None)
+        (raw / "world.json").write_text(json.dumps(world, indent=1))
+    return world["clip"]["validation"]
 
 
 def built_world(output_dir: str | Path) -> dict | None:
@@ -45,27 +57,27 @@ def built_world(output_dir: str | Path) -> dict | None:
     return json.loads(world_file.read_text()) if world_file.is_file() else None
 
 
-def world_is_ready(output_dir: str | Path = "data/shapes", seed: int = 0) -> bool:
+def world_is_ready(output_dir: str | Path = "data/shapes", seed: int = 0, clip: str = "sighted") -> bool:
     """Whether `prepare_shapes(output_dir, seed)` would only reuse: every table is there and the world was built by
     this version of its code with this seed (an older world, with another CLIP or other splits, is rebuilt)."""
     world = built_world(output_dir)
     return (Path(output_dir) / "tables" / "manifest.json").is_file() and world is not None \
-        and _world_matches(world, seed, {})
+        and _world_matches(world, seed, {}, clip)
 
 
-def _build_world(raw: Path, seed: int, rebuild: bool, sizes: dict, progress: bool,
+def _build_world(raw: Path, seed: int, clip: str, rebuild: bool, sizes: dict, progress: bool,
                  log: Callable[[str], None]) -> tuple[dict, bool]:
     """The world summary, and whether it was (re)built now."""
     world_file = raw / "world.json"
     if world_file.is_file() and not rebuild:
         world = json.loads(world_file.read_text())
-        if _world_matches(world, seed, sizes):
-            log(f"== reusing the shapes world in {raw} (seed {seed}; --overwrite rebuilds it)")
-            for line in clip_report(world["clip"]["test"]):
+        if _world_matches(world, seed, sizes, clip):
+            log(f"== reusing the shapes world in {raw} (seed {seed}, {clip} CLIP; --overwrite rebuilds it)")
+            for line in clip_report(clip_figures(raw, world)):
                 log(f"   {line}")
             return world, False
     # Without world.json an earlier build did not finish: whatever it left is replaced.
-    return build_world(raw, seed=seed, overwrite=True, progress=progress, log=log, **sizes), True
+    return build_world(raw, seed=seed, clip=clip, overwrite=True, progress=progress, log=log, **sizes), True
 
 
 def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
@@ -76,17 +88,19 @@ def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
 
 def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwrite: bool = False,
                    options: RunOptions | None = None, pretrain_split: float = 0.5,
-                   temperature: float | None = None, log: Callable[[str], None] = print, **sizes) -> dict:
+                   temperature: float | None = None, log: Callable[[str], None] = print, clip: str = "sighted",
+                   **sizes) -> dict:
     """Build (or reuse) the shapes world and all its tables; returns the manifest (also written to disk).
 
-    `sizes` go to `build_world`. A world built anew rebuilds every table, since its CLIP changed.
+    `clip` is the world CLIP's recipe ("sighted" or "plain", see `dataprep.shapes.CLIP_RECIPES`); `sizes` go to
+    `build_world`. A world built anew rebuilds every table, since its CLIP changed.
     """
     output_dir = Path(output_dir)
     raw, tables = output_dir / "raw", output_dir / "tables"
     options = options or RunOptions()
     timings = {}
     started = time.perf_counter()
-    world, rebuilt = _build_world(raw, seed, overwrite, sizes, options.progress, log)
+    world, rebuilt = _build_world(raw, seed, clip, overwrite, sizes, options.progress, log)
     timings["world"] = time.perf_counter() - started
     options = replace(options, overwrite=options.overwrite or overwrite or rebuilt)
     clip = ClipRequest(f"local-dir:{raw / 'clip'}", None, options.device)
@@ -129,7 +143,7 @@ def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwr
     manifest["timings_s"] = {step: round(seconds, 2) for step, seconds in timings.items()}
     (tables / "manifest.json").write_text(json.dumps(manifest, indent=1))
     log(f"== shapes world ready in {sum(timings.values()):.0f} s: tables in {tables}; what its tiny CLIP sees "
-        f"(test split):")
-    for line in clip_report(world["clip"]["test"]):
+        f"(validation split):")
+    for line in clip_report(clip_figures(raw, world)):
         log(f"   {line}")
     return manifest

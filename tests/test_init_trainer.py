@@ -353,5 +353,8 @@ def test_a_shapes_world_of_an_older_version_is_not_reused(tmp_path):
     (tmp_path / "tables" / "manifest.json").write_text("{}")
     assert world_is_ready(tmp_path)
     assert not world_is_ready(tmp_path, seed=1)
+    assert not world_is_ready(tmp_path, clip="plain")  # a world of another CLIP recipe is rebuilt
+    (tmp_path / "raw" / "world.json").write_text(json.dumps({**world, "clip": {"recipe": "plain"}}))
+    assert world_is_ready(tmp_path, clip="plain") and not world_is_ready(tmp_path)
     (tmp_path / "raw" / "world.json").write_text(json.dumps({**world, "version": WORLD_VERSION - 1}))
     assert not world_is_ready(tmp_path)

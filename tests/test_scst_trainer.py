@@ -7,6 +7,7 @@ The two-process test launches this file as a script under torchrun:
 """
 
 import hashlib
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from trainers import CaptionEvaluator
 from trainers.discriminator import Discriminator
 from trainers.rewards import ClipRewards, ClipTextEncoder, SemanticWeights, semantic_scores
 from trainers.scst_trainer import (
-    CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
+    AdvantageScales, CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
     self_critical_advantages,
     semantic_weight_at,
 )
@@ -371,12 +372,41 @@ def test_mixed_advantages_give_each_reward_its_share_whatever_its_scale():
     # scaled up 1000x, a reward keeps its share of the advantage
     louder = {"semantic": semantic * 1000, "naturalness": naturalness}
     torch.testing.assert_close(mixed_advantages(louder, None, shares, "mean")[0], mixed)
-    # a reward at share 0 is left out (and has no scale)
-    only, scales = mixed_advantages(rewards, None, {"semantic": 1.0, "naturalness": 0.0}, "mean")
-    assert set(scales) == {"semantic"}
+    # a reward at share 0 is left out of the mix
+    only, _ = mixed_advantages(rewards, None, {"semantic": 1.0, "naturalness": 0.0}, "mean")
+    torch.testing.assert_close(only, mixed_advantages({"semantic": semantic}, None, {"semantic": 1.0}, "mean")[0])
     greedy = {"semantic": torch.tensor([73.0, 77.0]), "naturalness": torch.tensor([0.0, 0.0])}
     by_greedy, _ = mixed_advantages(rewards, greedy, {"semantic": 1.0, "naturalness": 0.0}, "greedy")
     assert torch.equal(by_greedy > 0, semantic > greedy["semantic"][:, None])
+
+
+def test_raw_scale_mix_is_cgtgans_sum_of_two_policy_gradient_losses():
+    semantic = torch.tensor([[70.0, 76.0, 73.0], [80.0, 74.0, 77.0]])
+    naturalness = torch.tensor([[0.1, -0.2, 0.4], [-0.5, 0.0, 0.2]])
+    greedy = {"semantic": torch.tensor([73.0, 77.0]), "naturalness": torch.tensor([0.1, -0.1])}
+    mixed, scales = mixed_advantages({"semantic": semantic, "naturalness": naturalness}, greedy,
+                                     {"semantic": 0.5, "naturalness": 0.5}, "greedy", AdvantageScales("none"))
+    torch.testing.assert_close(mixed, 0.5 * (semantic - greedy["semantic"][:, None])
+                               + 0.5 * (naturalness - greedy["naturalness"][:, None]))
+    assert all(scale.item() == 1.0 for scale in scales.values())
+
+
+def test_running_scale_does_not_blow_up_one_quiet_batch():
+    running, per_batch = AdvantageScales("running_rms", momentum=0.9), AdvantageScales("batch_rms")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        running("naturalness", torch.randn(4, 5, generator=generator))
+    quiet = 0.01 * torch.randn(4, 5, generator=generator)  # a batch where the discriminator says next to nothing
+    assert (quiet / per_batch("naturalness", quiet)).pow(2).mean().sqrt() == pytest.approx(1.0)  # amplified
+    assert (quiet / running("naturalness", quiet)).pow(2).mean().sqrt() < 0.05
+    # bias-corrected: the first batch is scaled by its own size, not by (1 - momentum) of it
+    fresh = AdvantageScales("running_rms", momentum=0.9)
+    first = torch.full((2, 3), 2.0)
+    assert fresh("semantic", first).item() == pytest.approx(2.0)
+    # the state travels with checkpoints: a restored scale continues where it was
+    restored = AdvantageScales("running_rms", momentum=0.9)
+    restored.load_state_dict(running.state_dict())
+    assert restored("naturalness", first).item() == running("naturalness", first).item()
 
 
 def test_sample_log_probs_match_the_models_cross_entropy(shapes_clip, tiny_tokenizer, tmp_path):
@@ -681,6 +711,26 @@ def test_shipped_recipes_parse_for_every_stage(recipe):
             assert isinstance(config, SCSTConfig) and (script.init_from_stage or script.model_name_or_path)
 
 
+def test_cgtgan_recipe_is_cgtgans_published_defaults():
+    """configs/coco_cgtgan.yaml against CgT-GAN's cgtgan.py defaults (128 images a step on 4 GPUs)."""
+    _, config = train.parse_stage("scst", train.read_recipe(str(PROJECT_ROOT / "configs" / "coco_cgtgan.yaml")), [])
+    published = dict(reward_weight=0.5, gan_training_steps=150, gan_warm_steps=2350, reward_ramp="linear",
+                     advantage_scaling="none", baseline="greedy", num_samples=5, max_new_tokens=20,
+                     clip_cos_weight=0.0, agg_cos_weight=0.5, agg_l1_weight=0.5, learning_rate=1e-5,
+                     discriminator_learning_rate=1e-5, warmup_steps=150, weight_decay=0.05,
+                     discriminator_weight_decay=0.05, max_grad_norm=1.0, discriminator_max_grad_norm=1.0,
+                     num_train_epochs=50, mmd_weight=0.0, sample_temperature=1.0, sample_top_k=0, sample_top_p=1.0,
+                     discriminator_name_or_path="roberta-base", metric_for_best_model="cider", eval_on_start=False,
+                     eval_max_new_tokens=20)
+    assert {name: getattr(config, name) for name in published} == published
+    assert config.per_device_train_batch_size * 4 == 128
+    # the seed's own run: share 0.5 by a linear ramp over 1000 steps, the MMD term on, constant rate 1e-5
+    _, seed_run = train.parse_stage("scst", train.read_recipe(str(PROJECT_ROOT / "configs" /
+                                                                  "coco_shutterstock.yaml")), [])
+    assert (seed_run.reward_weight, seed_run.gan_warm_steps, seed_run.reward_ramp) == (0.5, 1000, "linear")
+    assert seed_run.mmd_weight > 0 and seed_run.learning_rate == 1e-5 and seed_run.lr_scheduler_type == "constant"
+
+
 # ---- the gradient is on-policy, and the stage learns
 
 
@@ -752,3 +802,69 @@ def test_scst_raises_the_greedy_captions_reward_where_a_no_op_stage_does_not(sha
         gains[learning_rate] = greedy_semantic_reward(trainer, features) - before
     assert gains[0.0] == 0.0
     assert gains[3e-3] > 1.0
+
+
+def teach_discriminator(discriminator: Discriminator, real: list[str], vocabulary: list[str], steps: int = 30):
+    """Train the discriminator to tell corpus sentences from word salad of the same words (empty included)."""
+    rng = random.Random(0)
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=3e-3)
+    for _ in range(steps):
+        fake = [" ".join(rng.choices(vocabulary, k=rng.randint(0, 6))) for _ in range(16)]
+        loss = discriminator.loss(rng.choices(real, k=16), fake).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_naturalness_steps_raise_the_discriminators_score_where_a_no_op_stage_does_not(shapes_clip, tiny_tokenizer,
+                                                                                       tmp_path):
+    """A hundred steps on the discriminator's reward alone (semantic share 0) raise its score of the greedy
+    captions; the same steps at learning rate 0 leave it where it was. The discriminator first learns corpus sentences
+    from word salad and is then held fixed (learning rate 0), so the score measures the captioner alone: a stage whose
+    naturalness reward had no share would not move it."""
+    gains = {}
+    for learning_rate in (0.0, 3e-3):
+        config = scst_config(tmp_path / str(learning_rate), max_steps=100, num_samples=4, reward_weight=0.0,
+                             baseline="mean", learning_rate=learning_rate, logging_steps=40,
+                             discriminator_learning_rate=0.0)
+        trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
+        corpus = corpus_table(shapes_clip)["text"]
+        teach_discriminator(trainer.discriminator, corpus, sorted({word for text in corpus for word in text.split()}))
+        features = torch.tensor(trainer.train_dataset["clip_features"])
+        generate = functools.partial(trainer.model.generate_captions, features, tokenizer=tiny_tokenizer,
+                                     do_sample=False, max_new_tokens=6)
+        before = trainer.discriminator.scores(generate())
+        trainer.train()
+        gains[learning_rate] = (trainer.discriminator.scores(generate()) - before).mean().item()
+    assert gains[0.0] == 0.0
+    assert gains[3e-3] > 0.5
+
+
+def test_shuffled_control_rewards_each_caption_against_another_image(shapes_clip, tiny_tokenizer, tmp_path):
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, shuffle_semantic_reward=True))
+    features = torch.tensor(trainer.train_dataset["clip_features"][:3])
+    captions = ["a red circle", "a blue square", "a small green triangle"]
+    trainer.advantages([c for c in captions for _ in range(2)], None, features, None)
+    against_next = trainer.rewards([c for c in captions for _ in range(2)],
+                                   features[[1, 1, 2, 2, 0, 0]])["clip_cos"]
+    assert trainer._reward_samples["reward_clip_cos"] == pytest.approx(against_next.tolist(), rel=1e-5)
+    with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
+        scst_config(tmp_path, shuffle_semantic_reward=True, per_device_train_batch_size=1)
+
+
+def test_evaluation_reports_the_discriminators_accuracy_on_sentences_it_never_saw(shapes_clip, tiny_tokenizer,
+                                                                                  tmp_path):
+    evaluator = CaptionEvaluator(images_table(shapes_clip, count=6, seed=3, split="val"), tiny_tokenizer,
+                                 tmp_path / "predictions", generation_kwargs=dict(max_new_tokens=5))
+    config = scst_config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2,
+                         discriminator_heldout_share=0.25)
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, config, evaluator=evaluator)
+    corpus = corpus_table(shapes_clip)
+    assert len(trainer.heldout_sentences) == len(corpus) // 4
+    streamed = set(trainer.real_sentences.take(0, len(trainer.real_sentences))["text"])
+    assert not streamed & set(trainer.heldout_sentences)
+    assert streamed | set(trainer.heldout_sentences) == set(corpus["text"])
+    trainer.train()
+    evaluation = next(entry for entry in trainer.state.log_history if "eval_cider" in entry)
+    assert 0.0 <= evaluation["eval_discriminator_accuracy_real"] <= 1.0
+    assert 0.0 <= evaluation["eval_discriminator_accuracy_fake"] <= 1.0

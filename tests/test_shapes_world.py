@@ -42,7 +42,7 @@ def test_same_seed_same_world_other_seed_other_world(world, tmp_path):
     first, second, third = _world_bytes(raw), _world_bytes(tmp_path / "again"), _world_bytes(tmp_path / "other")
     images = sum(TINY[f"n_{split}"] for split in shapes.IMAGE_SPLITS)
     assert sum(name.endswith(".png") for name in first) == images and first == second
-    assert again["clip"]["test"] == json.loads((raw / "world.json").read_text())["clip"]["test"]
+    assert again["clip"]["validation"] == json.loads((raw / "world.json").read_text())["clip"]["validation"]
     for name in ("annotations/val_caption.json", "scenes/test.json", "corpus/in_domain.txt",
                  "images/train/shapes_train_000000.png", "clip/open_clip_model.safetensors"):
         assert first[name] != third[name], name
@@ -146,7 +146,7 @@ def test_saved_clip_loads_through_local_dir(world):
         assert model.encode_image(pixels).shape == (1, dim)
         assert model.encode_text(tokenizer(["a large red circle on the left."])).shape == (1, dim)
     assert summary["clip"]["embed_dim"] == dim
-    assert 0.0 <= summary["clip"]["test"]["i2t_r1"] <= 1.0 and summary["clip"]["test"]["modality_gap"] > 0
+    assert 0.0 <= summary["clip"]["validation"]["i2t_r1"] <= 1.0 and summary["clip"]["validation"]["modality_gap"] > 0
 
 
 def test_architecture_is_registered_with_open_clip():
@@ -353,13 +353,16 @@ def test_swap_test_passes_a_seeing_clip_and_fails_a_blind_one():
 
 def test_world_reports_the_swap_test_and_modality_gap(world):
     raw, summary = world
-    test = summary["clip"]["test"]
-    assert set(shapes.SWAP_FAMILIES) <= set(test["swap_test"]) and "swap_test" in summary["clip"]["test_definitions"]
-    shares = [test["swap_test"][family] for family in shapes.SWAP_FAMILIES if test["swap_test"][family] is not None]
+    figures = summary["clip"]["validation"]
+    assert "test" not in summary["clip"]  # every figure of the world's CLIP is measured on validation
+    assert set(shapes.SWAP_FAMILIES) <= set(figures["swap_test"]) and "swap_test" in summary["clip"]["definitions"]
+    shares = [figures["swap_test"][family] for family in shapes.SWAP_FAMILIES
+              if figures["swap_test"][family] is not None]
     assert shares and all(0.0 <= share <= 1.0 for share in shares)
-    assert json.loads((raw / "world.json").read_text())["clip"]["test"]["swap_test"] == test["swap_test"]
-    lines = shapes.clip_report(test)
+    assert json.loads((raw / "world.json").read_text())["clip"]["validation"]["swap_test"] == figures["swap_test"]
+    lines = shapes.clip_report(figures)
     assert any("swap test" in line for line in lines) and any("modality gap" in line for line in lines)
+    assert any("ViT-B/32" in line for line in lines)
 
 
 def test_hard_negatives_are_false_of_their_scenes():
@@ -460,3 +463,80 @@ def test_build_says_what_it_does(tmp_path, capsys, caplog):
     for step in ("rendering", "tokenizer", "training the tiny CLIP", "swap test", "modality gap", "R@1"):
         assert step in out, step
     assert not [record.getMessage() for record in caplog.records if "pretrained" in record.getMessage()]
+
+
+# ---- the grammar and the fluency-aware grounding
+
+
+def test_every_sentence_the_world_writes_parses():
+    rng = random.Random(3)
+    for _ in range(3000):
+        scene = shapes.sample_scene(rng)
+        for sentence in (*shapes.reference_captions(scene, rng), shapes.corpus_sentence(scene, "cross_domain", rng),
+                         shapes.pretrain_caption(scene, rng)):
+            assert shapes.parses(sentence), sentence
+
+
+@pytest.mark.parametrize("caption", [
+    "a large red circle in the center in the center.",  # a repeated phrase
+    "a large large red circle.",  # a repeated word
+    "a red circle circle.",
+    "circle red a large.",  # words out of order
+    "an red circle.",  # the article does not agree
+    "a large red circle sitting in the",  # cut before its end
+    "a large red in the center.",  # no shape
+    "we see a red disc on a dark background.",  # one style's frame around the other style's words
+])
+def test_captions_out_of_the_grammar_do_not_parse(caption):
+    assert not shapes.parses(caption)
+
+
+SCENE_PAIR = {"objects": [
+    {"colour": "red", "shape": "circle", "size": "large", "texture": "solid", "position": "left"},
+    {"colour": "red", "shape": "square", "size": "small", "texture": "solid", "position": "right"}],
+    "relation": "left of", "background": "dark"}
+
+
+@pytest.mark.parametrize("clean, disfluent", [
+    ("a large red circle to the left of a small red square.", "a large red circle to the left of a small red square"
+                                                              " to the left of a small red square."),
+    ("a large red circle.", "a large red circle and a large red circle."),  # parses, says one thing twice
+    ("a large red circle.", "a large large red circle."),
+    ("a red circle and a red square.", "red circle a and a red square."),
+])
+def test_fluent_grounding_scores_repetition_and_disorder_below_the_clean_caption(clean, disfluent):
+    clean_precision, clean_recall = shapes.fluent_grounding(clean, SCENE_PAIR)
+    precision, recall = shapes.fluent_grounding(disfluent, SCENE_PAIR)
+    assert shapes.parses(clean) and clean_precision == 1.0
+    assert precision < clean_precision and recall <= clean_recall
+    # the plain grounding score barely sees it: each true mention counts again, out of grammar or not
+    plain = shapes.grounding_scores({"x": disfluent}, {"x": SCENE_PAIR})
+    assert plain["precision"] > 0.9 > precision and plain["recall"] >= clean_recall
+
+
+def test_shared_attributes_of_two_objects_are_two_facts():
+    assert shapes.fluent_grounding("a red circle and a red square.", SCENE_PAIR)[0] == 1.0
+    two_triangles = {"objects": [
+        {"colour": "yellow", "shape": "triangle", "size": "large", "texture": "solid", "position": "top"},
+        {"colour": "purple", "shape": "triangle", "size": "large", "texture": "solid", "position": "center"}],
+        "relation": "above", "background": "dark"}
+    assert shapes.fluent_grounding("a large yellow triangle above a large purple triangle.", two_triangles)[0] == 1.0
+
+
+def test_grounding_scores_report_parse_rate_and_fluent_scores():
+    scores = grounding_scores({"a": "a large red circle.", "b": "a large large red circle."},
+                              {"a": SCENE_PAIR, "b": SCENE_PAIR})
+    assert scores["parse_rate"] == 0.5
+    assert scores["fluent_precision"] == 0.5 and scores["precision"] == 1.0
+    assert scores["fluent_recall"] == scores["recall"] / 2
+
+
+def test_world_records_its_clip_recipe_and_is_rebuilt_for_another(world, tmp_path):
+    from dataprep.world import _world_matches
+
+    _, summary = world
+    assert summary["clip"]["recipe"] == "sighted"
+    assert _world_matches(summary, 0, {}, "sighted") and not _world_matches(summary, 0, {}, "plain")
+    assert shapes.CLIP_RECIPES["plain"].tagging_steps == 0 and shapes.CLIP_RECIPES["plain"].hard_negatives == 0
+    with pytest.raises(ValueError, match="clip must be one of"):
+        build_world(tmp_path / "w", clip="oracle", **TINY)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 HEADLINE_METRICS = (
     "cider", "bleu_4", "meteor", "rouge_l", "spice", "clip_s", "attribute_precision", "attribute_recall",
-    "attribute_f1", "caption_length", "distinct_caption_share", "distinct_scene_caption_share", "repeated_word_share",
+    "attribute_f1", "fluent_attribute_f1", "parse_rate", "repeated_word_share", "distinct_2", "vocabulary_size",
+    "caption_length", "distinct_caption_share", "distinct_scene_caption_share",
 )
 FIGURE_FILES = {"Training curves": "training_curves.png", "Histograms": "histograms.png",
                 "Sample captions (page)": "captions.html", "Sample captions": "captions.png"}
-TRAJECTORY_METRICS = ("cider", "attribute_precision", "attribute_recall", "attribute_f1", "clip_s", "caption_length",
-                      "repeated_word_share")
+TRAJECTORY_METRICS = ("cider", "attribute_f1", "fluent_attribute_f1", "parse_rate", "clip_s", "caption_length",
+                      "repeated_word_share", "distinct_2", "discriminator_accuracy_real", "discriminator_accuracy_fake")
 
 
 def metrics_table(test_metrics: dict[str, dict], columns: tuple[str, ...] = HEADLINE_METRICS,
@@ -89,7 +90,7 @@ def write_report(run_dir: Path, results: dict, figures: dict[str, str] | None = 
     training = {stage: info for stage, info in results.items() if stage != "eval"}
     lines = ["# Run report", "", f"Run folder: `{run_dir}`", "", "## Test split", "", metrics_table(test_metrics), ""]
     if clip_lines:
-        lines += ["## What the CLIP sees (test split)", "", *[f"- {line}" for line in clip_lines], ""]
+        lines += ["## What the CLIP sees (validation split)", "", *[f"- {line}" for line in clip_lines], ""]
     if training:
         lines += ["## Training", "", "| stage | steps | minutes | processes | best checkpoint |", "|---|---|---|---|---|"]
         for stage, info in training.items():

@@ -8,10 +8,11 @@ Every step, on a batch of unpaired images (`SCSTTrainer.training_step` reads top
    against the image's aggregated corpus embedding) and a naturalness reward, the [`Discriminator`]'s logit of "real",
    both under the same mixed precision and returned in float32;
 3. each reward's advantage is its value minus its baseline: the greedy caption's (SCST, Rennie et al.) or the mean of
-   the image's other samples (Luo); each advantage is divided by its root mean square over the micro-batch, and the
-   two are mixed as w * semantic + (1 - w) * naturalness, so that w is the semantic share of the advantage whatever
-   the rewards' scales; w is 0 for `gan_training_steps` steps, then ramps (linearly, or at once) over
-   `gan_warm_steps` steps up to `reward_weight`;
+   the image's other samples (Luo); each advantage is divided by its scale ([`AdvantageScales`]: its root mean square
+   over the micro-batch, a running one over steps, or 1 for CgT-GAN's raw-scale mix), and the two are mixed as
+   w * semantic + (1 - w) * naturalness, so that w is the semantic share of the advantage whatever the rewards'
+   scales; w is 0 for `gan_training_steps` steps, then ramps (linearly, or at once) over `gan_warm_steps` steps up
+   to `reward_weight`;
 4. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities under the
    sampling distribution (the same temperature / top-k / top-p warpers applied to the scored logits), and
    loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over the micro-batch's caption tokens,
@@ -32,6 +33,7 @@ import logging
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from accelerate.utils import set_seed
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 BASELINES = ("greedy", "mean")
 RAMPS = ("linear", "constant")
+ADVANTAGE_SCALINGS = ("batch_rms", "running_rms", "none")
 DISCRIMINATOR_FOLDER = "discriminator"
 REWARD_SAMPLES_FILE = "rewards.jsonl"
 STEP_PROBLEMS = ("rewards", "loss", "generator gradients", "discriminator gradients")
@@ -111,6 +114,25 @@ class SCSTConfig(CaptionConfig):
         metadata={"help": "linear: ramp w over gan_warm_steps; constant: w = reward_weight as soon as the "
                           "naturalness-only steps are over.", "choices": RAMPS},
     )
+    advantage_scaling: str = field(
+        default="batch_rms",
+        metadata={"help": "How each reward's advantage is put on one scale before mixing. batch_rms: divided by its "
+                          "root mean square over the micro-batch (a near-chance discriminator's noise then gets a "
+                          "full share); running_rms: by a running root mean square over steps (momentum "
+                          "advantage_scale_momentum), which does not blow up one batch's noise; none: mixed at the "
+                          "rewards' raw scales, as CgT-GAN mixes its two policy-gradient losses (w is then not a "
+                          "share).", "choices": ADVANTAGE_SCALINGS},
+    )
+    advantage_scale_momentum: float = field(
+        default=0.99,
+        metadata={"help": "Momentum of running_rms's mean square per micro-batch (0.99: about the last 100)."},
+    )
+    shuffle_semantic_reward: bool = field(
+        default=False,
+        metadata={"help": "Control run: each caption's semantic reward is computed against another image of the "
+                          "micro-batch, so the reward does not know the caption's image. A method whose gain survives "
+                          "this learns something other than the image."},
+    )
 
     # Discriminator
     discriminator_name_or_path: str = field(
@@ -134,6 +156,11 @@ class SCSTConfig(CaptionConfig):
     discriminator_max_length: int = field(
         default=40, metadata={"help": "Discriminator tokens per sentence; longer sentences are cut."}
     )
+    discriminator_heldout_share: float = field(
+        default=0.05,
+        metadata={"help": "Share of the corpus (a seeded draw) kept from the discriminator's training: each evaluation "
+                          "reports its accuracy on these real sentences and on the validation captions."},
+    )
 
     # Trainer defaults that suit this stage
     learning_rate: float = field(
@@ -152,6 +179,15 @@ class SCSTConfig(CaptionConfig):
             raise ValueError(f"reward_ramp must be one of {RAMPS}, got {self.reward_ramp!r}.")
         if not 0 <= self.reward_weight <= 1:
             raise ValueError(f"reward_weight must lie in [0, 1], got {self.reward_weight}.")
+        if self.advantage_scaling not in ADVANTAGE_SCALINGS:
+            raise ValueError(f"advantage_scaling must be one of {ADVANTAGE_SCALINGS}, got {self.advantage_scaling!r}.")
+        if not 0 <= self.discriminator_heldout_share < 1:
+            raise ValueError(f"discriminator_heldout_share must lie in [0, 1), got {self.discriminator_heldout_share}.")
+        if not 0 <= self.advantage_scale_momentum < 1:
+            raise ValueError(f"advantage_scale_momentum must lie in [0, 1), got {self.advantage_scale_momentum}.")
+        if self.shuffle_semantic_reward and self.per_device_train_batch_size < 2:
+            raise ValueError("shuffle_semantic_reward pairs each caption with another image of its micro-batch: set "
+                             "per_device_train_batch_size >= 2.")
         for name in ("gan_training_steps", "gan_warm_steps", "discriminator_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -179,25 +215,64 @@ def semantic_weight_at(step: int, reward_weight: float, gan_training_steps: int,
     return reward_weight * min(1.0, steps_after / gan_warm_steps)
 
 
+class AdvantageScales:
+    """The scale each reward's advantage is divided by before the rewards are mixed (`advantage_scaling`).
+
+    CLIP's reward (logit scale x cosine) and a discriminator logit live on scales tens of times apart; divided by its
+    own scale, each advantage gets the share it is given. `batch_rms` divides by the root mean square over the
+    micro-batch, as GRPO scales rewards per batch (the root mean square, since baselined advantages are already
+    centred per image); but a near-chance discriminator's advantages are noise, and that scaling hands the noise a
+    full share. `running_rms` divides by a bias-corrected running mean square (averaged over the processes, so every
+    process uses one scale), which follows a reward's typical size without amplifying one batch. `none` keeps the
+    raw scales: CgT-GAN's mix of its two policy-gradient losses. The running state travels with every checkpoint.
+    """
+
+    def __init__(self, scaling: str, momentum: float = 0.99,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.scaling, self.momentum = scaling, momentum
+        self.reduce = reduce or (lambda value: value)
+        self.mean_square: dict[str, float] = {}
+        self.updates: dict[str, int] = {}
+
+    def __call__(self, kind: str, advantage: torch.Tensor) -> torch.Tensor:
+        if self.scaling == "none":
+            return torch.ones((), device=advantage.device)
+        mean_square = advantage.float().pow(2).mean()
+        if self.scaling == "running_rms":
+            batch = float(self.reduce(mean_square.detach()))
+            self.updates[kind] = self.updates.get(kind, 0) + 1
+            self.mean_square[kind] = self.momentum * self.mean_square.get(kind, 0.0) + (1 - self.momentum) * batch
+            mean_square = torch.tensor(self.mean_square[kind] / (1 - self.momentum ** self.updates[kind]),
+                                       device=advantage.device)
+        return mean_square.sqrt().clamp_min(1e-6)
+
+    def state_dict(self) -> dict:
+        return {"mean_square": dict(self.mean_square), "updates": dict(self.updates)}
+
+    def load_state_dict(self, state: dict):
+        self.mean_square, self.updates = dict(state["mean_square"]), dict(state["updates"])
+
+
 def mixed_advantages(sample_rewards: dict[str, torch.Tensor], greedy_rewards: dict[str, torch.Tensor] | None,
-                     shares: dict[str, float], baseline: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     shares: dict[str, float], baseline: str,
+                     scales: AdvantageScales | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(B, K) advantages mixed from several rewards put on one scale, and each reward's scale.
 
     Each reward ({kind: (B, K)}, greedy captions' {kind: (B,)}) gets its advantage against its own baseline, divided
-    by that advantage's root mean square over the batch; the scaled advantages are then summed with `shares`
-    ({kind: share}; kinds at share 0 are left out). CLIP's reward (logit scale x cosine, about 75 +- 3) and a
-    discriminator logit (about 0 +- 0.5) would otherwise mix at their raw scales, and a share would mean nothing.
-    CgT-GAN mixes its two policy-gradient losses at their raw scales; we scale as GRPO scales rewards per batch, with
-    the root mean square since baselined advantages are already centred per image.
+    by its scale (`scales`, per-batch root mean square by default, see [`AdvantageScales`]); the scaled advantages are
+    then summed with `shares` ({kind: share}; kinds at share 0 are left out of the sum, though a running scale still
+    follows them).
     """
-    mixed, scales = 0.0, {}
+    scales = scales or AdvantageScales("batch_rms")
+    mixed, used = 0.0, {}
     for kind, share in shares.items():
-        if share == 0:
-            continue
         advantage = self_critical_advantages(sample_rewards[kind], greedy_rewards and greedy_rewards[kind], baseline)
-        scales[kind] = advantage.pow(2).mean().sqrt().clamp_min(1e-6)
-        mixed = mixed + share * advantage / scales[kind]
-    return mixed, scales
+        used[kind] = scales(kind, advantage)
+        if share > 0:
+            mixed = mixed + share * advantage / used[kind]
+    if not torch.is_tensor(mixed):
+        raise ValueError(f"every reward has share 0 ({shares}): nothing to learn from.")
+    return mixed, used
 
 
 def self_critical_advantages(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor | None,
@@ -385,8 +460,13 @@ class SCSTTrainer(CaptionTrainer):
                             "the training images table (its features feed the CLIP rewards)")
         self.discriminator = (discriminator or build_discriminator(args, processing_class)).to(args.device)
         self.sampling_warpers = sampling_warpers(args)
-        self.real_sentences = CorpusStream(corpus, args.seed, with_features=args.mmd_weight > 0)
+        self.advantage_scales = AdvantageScales(args.advantage_scaling, args.advantage_scale_momentum,
+                                                reduce=lambda value: self.accelerator.reduce(value, "mean"))
+        training_sentences, self.heldout_sentences = split_heldout(corpus, args.discriminator_heldout_share, args.seed)
+        self.real_sentences = CorpusStream(training_sentences, args.seed, with_features=args.mmd_weight > 0)
         self.evaluator = evaluator
+        if evaluator is not None:
+            evaluator.extra_metrics.append(self.discriminator_accuracy)
         self.skipped_steps = 0
         self._reward_samples = {}
         self._metrics = defaultdict(list)
@@ -505,6 +585,8 @@ class SCSTTrainer(CaptionTrainer):
         texts = sample_texts + (greedy_texts or [])
         owner = torch.cat((torch.arange(num_images).repeat_interleave(num_samples),
                            torch.arange(num_images if greedy_texts else 0))).to(features.device)
+        if self.args.shuffle_semantic_reward:
+            owner = (owner + 1) % num_images  # each caption judged against the next image of the micro-batch
         semantic = self.rewards(texts, features[owner], None if agg_features is None else agg_features[owner])
         naturalness = self.discriminator.scores(texts).to(features.device)
         weight = semantic_weight_at(self.state.global_step, self.args.reward_weight, self.args.gan_training_steps,
@@ -516,7 +598,7 @@ class SCSTTrainer(CaptionTrainer):
         advantages, scales = mixed_advantages(
             {kind: values[:sample_count].view(num_images, num_samples) for kind, values in raw.items()},
             {kind: values[sample_count:] for kind, values in raw.items()} if greedy_texts else None,
-            {"semantic": weight, "naturalness": 1 - weight}, self.args.baseline)
+            {"semantic": weight, "naturalness": 1 - weight}, self.args.baseline, self.advantage_scales)
         mixed = sum(share * raw[kind] / scales[kind] for kind, share in
                     (("semantic", weight), ("naturalness", 1 - weight)) if share > 0)
         logged = {**{f"reward_{name}": value for name, value in semantic.items()}, "reward_naturalness": naturalness,
@@ -531,6 +613,18 @@ class SCSTTrainer(CaptionTrainer):
         self._step_metrics["reward_weight"].append(weight)
         self._step_metrics["advantage_std"].append(advantages.std().item() if advantages.numel() > 1 else 0.0)
         return advantages
+
+    def discriminator_accuracy(self, predictions: dict[str, str]) -> dict[str, float]:
+        """The discriminator's accuracy on sentences it never trained on: held-out corpus sentences (real) and the
+        captions of the evaluation images (fake)."""
+        def scores(texts: list[str]) -> torch.Tensor:
+            return torch.cat([self.discriminator.scores(texts[start:start + 256])
+                              for start in range(0, len(texts), 256)])
+
+        metrics = {"discriminator_accuracy_fake": (scores(list(predictions.values())) < 0).float().mean().item()}
+        if self.heldout_sentences:
+            metrics["discriminator_accuracy_real"] = (scores(self.heldout_sentences) > 0).float().mean().item()
+        return metrics
 
     def stream_position(self) -> int:
         """Where this micro-batch reads the corpus stream: one slot per (step, micro-batch, process)."""
@@ -655,7 +749,8 @@ class SCSTTrainer(CaptionTrainer):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             self.discriminator.save(os.path.join(checkpoint, DISCRIMINATOR_FOLDER),
-                                    extra_state={"skipped_steps": self.skipped_steps})
+                                    extra_state={"skipped_steps": self.skipped_steps,
+                                                 "advantage_scales": self.advantage_scales.state_dict()})
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -665,6 +760,8 @@ class SCSTTrainer(CaptionTrainer):
             with zero3_init_disabled(self.args):
                 extra = self.discriminator.load(os.path.join(checkpoint, DISCRIMINATOR_FOLDER))
             self.skipped_steps = extra.get("skipped_steps", 0)
+            if "advantage_scales" in extra:
+                self.advantage_scales.load_state_dict(extra["advantage_scales"])
 
 
 def gradients_are_finite(model) -> bool:
@@ -672,6 +769,15 @@ def gradients_are_finite(model) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def split_heldout(corpus, share: float, seed: int):
+    """The corpus rows the discriminator trains on, and the texts of a seeded `share` of them kept out."""
+    count = int(share * len(corpus))
+    if count == 0:
+        return corpus, []
+    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed)).tolist()
+    return corpus.select(sorted(order[count:])), corpus.select(sorted(order[:count]))["text"]
 
 
 def check_tables(images, corpus, args: SCSTConfig):
