@@ -841,7 +841,8 @@ def test_naturalness_steps_raise_the_discriminators_score_where_a_no_op_stage_do
 
 
 def test_shuffled_control_rewards_each_caption_against_another_image(shapes_clip, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, shuffle_semantic_reward=True))
+    trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, shuffle_semantic_reward=True,
+                                                                    baseline="mean"))
     features = torch.tensor(trainer.train_dataset["clip_features"][:3])
     captions = ["a red circle", "a blue square", "a small green triangle"]
     trainer.advantages([c for c in captions for _ in range(2)], None, features, None)
