@@ -733,7 +733,9 @@ def run_from_command_line(argv: list[str] | None = None):
         main(argv)
     except SystemExit as stop:
         if isinstance(stop.code, str):
-            print(f"error: {stop.code}", file=sys.stderr)
+            # One write, newline included (print makes two): the ranks share stderr, and one write to a pipe is not
+            # interleaved with another rank's.
+            sys.stderr.write(f"error: {stop.code}\n")
             end_rank(2)
         raise
     end_rank(0)

@@ -130,7 +130,8 @@ def full_state_dict_on_cpu(marker: Path):
 
 
 def rank_main(work: Path, stage: str, mode: str):
-    """One rank: `train.py` `stage` in `mode` (ddp | fsdp-forced), run_info.json as train.py writes it."""
+    """One rank: `train.py` `stage` in `mode` (ddp | fsdp-forced), run_info.json as train.py writes it; the rank ends
+    as train.py's command line ends it (`end_rank`)."""
     import train
 
     if mode == "fsdp-forced":
@@ -140,7 +141,7 @@ def rank_main(work: Path, stage: str, mode: str):
     output = work / f"run_{stage}_{mode}"
     start_from = work / "run_init_ddp" / "init" / "final" if stage == "scst" else None
     argv = stage_args(work, stage, output, start_from) + (FSDP2 if mode == "fsdp-forced" else [])
-    train.main(argv)
+    train.run_from_command_line(argv)
 
 
 def launch(work: Path, stage: str, mode: str) -> subprocess.CompletedProcess:
@@ -222,6 +223,28 @@ def test_a_captioner_saved_under_fully_shard_carries_its_own_code(tmp_path):
         assert torch.equal(tensor, state_dict[name]), name
 
 
+END_RANK = """
+import atexit, sys
+from pathlib import Path
+import train
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+print("unflushed line", end="")
+train.end_rank(3)
+"""
+
+
+def test_a_rank_ends_with_its_status_after_its_atexit_callbacks(tmp_path):
+    """A rank of a multi-process run exits without the interpreter's finalization (see `train.end_rank`): its atexit
+    callbacks still run, its last output still comes out, and its exit status is kept."""
+    marker = tmp_path / "marker"
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, "-c", END_RANK, str(marker)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert marker.read_text() == "atexit ran"
+    assert result.stdout.endswith("unflushed line")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp_cpu")
@@ -237,14 +260,19 @@ def work(setup):
 
 
 def test_train_py_refuses_an_fsdp_request_that_accelerate_drops(setup):
-    """`torchrun ... train.py --fsdp ...` on CPU processes, where accelerate keeps MULTI_CPU and drops FSDP, stops on
-    every rank before training with one line saying what to change. (When accelerate starts honouring FSDP on CPU this
-    test fails: then run FSDP for real below without forcing.)"""
+    """`torchrun ... train.py --fsdp ...` on CPU processes, where accelerate keeps MULTI_CPU and drops FSDP, stops
+    before training with one line saying what to change, exit code 2. (When accelerate starts honouring FSDP on CPU
+    this test fails: then run FSDP for real below without forcing.)
+
+    Every rank refuses, but torchrun stops the other rank (SIGTERM) as soon as one has failed, so the second rank's
+    line is there only when that rank got to it first: one line or two, each whole (the ranks share stderr)."""
     output = setup / "run_init_fsdp_asked"
     result = torchrun([str(PROJECT_ROOT / "train.py"), *stage_args(setup, "init", output), *FSDP2], setup)
     assert result.returncode != 0
+    assert "failed (exitcode: 2)" in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2, result.stderr[-3000:]  # one per rank
+    assert len(errors) in (1, 2) and len(set(errors)) == 1, result.stderr[-3000:]
+    assert errors[0].count("error: ") == 1 and errors[0].endswith("drop the FSDP request to train unsharded"), errors
     assert errors[0].startswith("error: FSDP was asked for (--fsdp) but accelerate runs DistributedType.MULTI_CPU on "
                                 "2 cpu process(es) without sharding"), errors[0]
     assert "configs/accelerate/fsdp.yaml" in errors[0] and "drop the FSDP request" in errors[0]
