@@ -36,6 +36,16 @@ def make_tiny_clip(folder, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: models this small run many times faster so on a machine shared with other
+    jobs, and a resumed run can then equal a straight one bit for bit (CPU results depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
     """One random tiny open_clip per test module, as a `local-dir:` folder."""
     return make_tiny_clip(tmp_path_factory.mktemp("clip"), seed=0)

@@ -27,13 +27,7 @@ from trainers.checkpoints import MARKER, CheckpointSaveError, is_complete, lates
 SAVING = dict(max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1, noise_std=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as in every run of this module, so that a resumed run can equal a straight one bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(tokenizer, output: Path, callbacks=(), **settings) -> InitTrainer:

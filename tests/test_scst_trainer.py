@@ -64,13 +64,7 @@ def render(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255 - 0.5, captions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run many times faster on one thread, above all on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
