@@ -141,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "prepare its tables; --overwrite rebuilds the world too.")
     shapes.add_argument("--output", default="data/shapes", help="writes <output>/raw and <output>/tables")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--clip", choices=("plain", "sighted"), default="sighted",
-                        help="the world CLIP's recipe: plain (contrastive on pairs only, as real CLIPs) or sighted "
-                             "(scene tagging first, then hard negatives: it sees nearly every attribute)")
+    shapes.add_argument("--clip", choices=("plain", "sighted"), default="plain",
+                        help="the world CLIP's recipe: plain (contrastive on pairs only, as real CLIPs; the default "
+                             "recipe's) or sighted (scene tagging first, then hard negatives: it sees nearly every "
+                             "attribute)")
+    shapes.add_argument("--retrain-clip", action="store_true",
+                        help="rebuild the world and train its CLIP even where the one shipped in "
+                             "dataprep/world_clips fits (same recipe, seed and pretraining data)")
     shapes.add_argument("--pretrain-split", type=float, default=0.5, metavar="FRACTION")
     shapes.add_argument("--temperature", type=float, default=None, help="CLIP-agg t (default: the tiny CLIP's logit scale)")
     shapes.add_argument("--size", action="append", default=[], metavar="NAME=N",
@@ -199,7 +203,8 @@ def run_command(args) -> dict:
     if args.command == "pseudo-pairs":
         return pseudo_pairs(args.images, args.corpus, options, args.output, _clip_request(args, False))
     manifest = prepare_shapes(args.output, args.seed, args.overwrite, options, args.pretrain_split,
-                              args.temperature, clip=args.clip, **_sizes(args.size))
+                              args.temperature, clip=args.clip, retrain_clip=args.retrain_clip,
+                              **_sizes(args.size))
     print(f"   manifest: {manifest['tables']}/manifest.json")
     print("   seconds per step: " + ", ".join(f"{step} {secs}" for step, secs in manifest["timings_s"].items()))
     return {}

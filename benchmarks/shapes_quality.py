@@ -63,7 +63,8 @@ COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribut
            "repeated_word_share", "distinct_2", "caption_length", "attribute_f1", "cider", "bleu_4", "clip_s",
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
 PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
-         ("cgtgan", "init"), ("shuffled", "init"), ("noop", "init"))
+         ("cgtgan", "init"), ("shuffled", "init"), ("noop", "init"), ("mix@last", "clip_only@last"),
+         ("mix@last", "init"), ("clip_only@last", "init"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
@@ -94,8 +95,8 @@ class Setting:
         elif stage == "scst":
             flags += ["--corpus_table", f"{tables}/corpus/{self.corpus}_real", "--train_table",
                       f"{tables}/shapes/train_agg_{self.corpus}"]
-            if self.scst_steps:  # a longer run evaluates as often in all (a dozen times), and keeps its checkpoints
-                every = str(max(25, self.scst_steps // 12))
+            if self.scst_steps:  # a longer run evaluates as often in all (ten times), and keeps its checkpoints
+                every = str(max(25, self.scst_steps // 10))
                 flags += ["--max_steps", str(self.scst_steps), "--eval_steps", every, "--save_steps", every]
         elif stage == "supervised":
             flags += ["--train_table", f"{tables}/shapes/train"]
@@ -151,7 +152,8 @@ class SeedRun:
         return entry
 
     def test(self, name: str, entry: dict) -> dict:
-        """The row's one read of the test split, kept under the row's key."""
+        """The row's one read of the test split, kept under the row's key. An scst row trained for `--scst_steps`
+        also reads its last step, reported as `<row>@last`: what training that long gives without selection."""
         if "test" not in entry:
             results = train.main(["--config", str(RECIPE), "--stage", "eval", "--model_name_or_path", entry["final"],
                                   "--output_dir", str(Path(entry["final"]).parent.parent),
@@ -159,6 +161,12 @@ class SeedRun:
             entry["test"] = results["eval"][entry["final"]]
             self.save()
         self.results.setdefault("report", {})[name] = entry["key"]
+        if self.setting.scst_steps and entry["stage"] == "scst" and "@" not in name:
+            last_key = f"{entry['key']}@last"
+            last = self.results["rows"].setdefault(last_key, {
+                **{k: v for k, v in entry.items() if k not in ("test", "trajectory")}, "key": last_key,
+                "final": str(Path(entry["final"]).parent / f"checkpoint-{self.setting.scst_steps}")})
+            self.test(f"{name}@last", last)
         return entry
 
     def best_init(self, noise_levels: list[float]) -> dict:
@@ -188,7 +196,8 @@ class SeedRun:
             if row == "mix":
                 self.test("mix", self.best_mix(init["final"], shares))
             elif row == "shuffled":  # the chosen mix, its semantic reward computed against another image
-                share = self.best_mix(init["final"], shares)["flags"][-1]
+                self.best_mix(init["final"], shares)
+                share = str(self.results["choices"]["semantic_share"])
                 self.test(row, self.train(row, "scst", ("--shuffle_semantic_reward", "true", "--reward_weight", share),
                                           init["final"]))
             elif row == "supervised":
@@ -213,8 +222,8 @@ def reported(setting: Setting, seeds: list[int]) -> tuple[dict[str, dict[int, di
         for name, key in run.results.get("report", {}).items():
             entry = run.results["rows"].get(key)
             # A row measured under other settings (recipe, world, flags) has another key: it is not reported.
-            if entry and "test" in entry and key == setting.key(entry["row"], entry["stage"], tuple(entry["flags"]),
-                                                                entry["start"]):
+            if entry and "test" in entry and key.split("@")[0] == setting.key(
+                    entry["row"], entry["stage"], tuple(entry["flags"]), entry["start"]):
                 rows.setdefault(name, {})[seed] = entry
     order = [*ROWS, *sorted(name for name in rows if name not in ROWS)]
     return {name: rows[name] for name in order if name in rows}, choices

@@ -509,8 +509,7 @@ def scene_attributes(scene: dict) -> set[tuple[str, str]]:
 
 def caption_grounding(caption: str, scene: dict) -> dict:
     """Per-type counts for one caption: mentioned / true mentions / scene items / covered items."""
-    judged = _judge(scene, _chunk(_mentions(caption)))
-    return _grounding_counts(judged, scene)
+    return _grounded(caption, scene)[0]
 
 
 def fluent_grounding(caption: str, scene: dict) -> tuple[float, float]:
@@ -518,10 +517,17 @@ def fluent_grounding(caption: str, scene: dict) -> tuple[float, float]:
     (`parses`) names nothing true (0, 0); otherwise precision counts each true attribute once over every mention, so
     saying a true thing twice lowers it ("a red circle and a red circle." scores half of "a red circle."), and recall
     is the share of the scene's attributes named truly, as in `caption_grounding`."""
-    if not parses(caption):
-        return 0.0, 0.0
+    return _grounded(caption, scene)[2]
+
+
+def _grounded(caption: str, scene: dict) -> tuple[dict, bool, tuple[float, float]]:
+    """One caption judged once: its per-type counts (`caption_grounding`), whether it parses, and its fluent
+    (precision, recall) (`fluent_grounding`)."""
     items = _chunk(_mentions(caption))
     judged = _judge(scene, items)
+    counts = _grounding_counts(judged, scene)
+    if not parses(caption):
+        return counts, False, (0.0, 0.0)
     # The fact a mention states: an object attribute belongs to the object its noun phrase describes ("a large red
     # circle and a large blue circle" states two facts about "large"; "a red circle and a red circle" one fact twice),
     # the others to the scene. `_judge` yields one verdict per fact, in this order.
@@ -529,9 +535,9 @@ def fluent_grounding(caption: str, scene: dict) -> tuple[float, float]:
              ([(tuple(sorted(value.items())), attribute, word) for attribute, word in value.items()] if kind == "np"
               else [(None, kind, value)])]
     distinct_true = {fact for fact, (_, _, true) in zip(facts, judged) if true}
-    counts = _grounding_counts(judged, scene).values()
     precision = len(distinct_true) / len(judged) if judged else 0.0
-    return precision, sum(c["covered"] for c in counts) / sum(c["items"] for c in counts)
+    recall = sum(c["covered"] for c in counts.values()) / sum(c["items"] for c in counts.values())
+    return counts, True, (precision, recall)
 
 
 def _grounding_counts(judged: list[tuple[str, str, bool]], scene: dict) -> dict:
@@ -565,11 +571,12 @@ def grounding_scores(predictions: dict[str, str], scenes: dict[str, dict]) -> di
     if missing:
         raise KeyError(f"{len(missing)} predicted image(s) have no scene, e.g. '{missing[0]}'")
     precision, recall, empty = [], [], 0
-    fluent = []
+    parsed, fluent = [], []
     per_type = {kind: {"precision": [], "recall": []} for kind in ATTRIBUTE_TYPES}
     for image_id, caption in predictions.items():
-        fluent.append(fluent_grounding(caption, scenes[image_id]))
-        counts = caption_grounding(caption, scenes[image_id])
+        counts, caption_parses, fluent_scores = _grounded(caption, scenes[image_id])
+        parsed.append(float(caption_parses))
+        fluent.append(fluent_scores)
         mentioned = sum(c["mentioned"] for c in counts.values())
         if mentioned:
             precision.append(sum(c["true"] for c in counts.values()) / mentioned)
@@ -584,7 +591,7 @@ def grounding_scores(predictions: dict[str, str], scenes: dict[str, dict]) -> di
     return {
         "precision": _mean(precision), "recall": _mean(recall), "num_images": len(predictions),
         "captions_without_attributes": empty,
-        "parse_rate": _mean([float(parses(caption)) for caption in predictions.values()]),
+        "parse_rate": _mean(parsed),
         "fluent_precision": _mean([value for value, _ in fluent]),
         "fluent_recall": _mean([value for _, value in fluent]),
         "distinct_scene_caption_share": distinct_scene_caption_share(predictions, scenes),
@@ -1271,6 +1278,52 @@ def save_tiny_clip(model: torch.nn.Module, clip_dir: Path) -> str:
     return save_local_clip(model, clip_model_config(), clip_dir)
 
 
+# Trained world CLIPs ship with the code, one folder per recipe (`world_clips/<recipe>/`: the open_clip local-dir
+# files and `training.json`, what trained them): training one takes minutes on a CPU, and a CPU's arithmetic moves
+# its last bits, so a shipped one gives every machine the same CLIP. The plain one is rebuilt by
+#   python prepare_datasets.py shapes --clip plain --retrain_clip --overwrite
+#   cp -r data/shapes/raw/clip dataprep/world_clips/plain
+SHIPPED_CLIPS = Path(__file__).resolve().parent / "world_clips"
+CLIP_RECORD = "training.json"
+
+
+def clip_training_record(clip: str, settings: ClipTraining, seed: int, num_threads: int, pixels: np.ndarray,
+                         captions: dict[str, list[str]]) -> dict:
+    """What decides a trained world CLIP's weights: recipe, settings, seed, thread count, pretraining data."""
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes())
+    digest.update(json.dumps(captions, sort_keys=True).encode())
+    record = {"recipe": clip, "seed": seed, "num_threads": num_threads, "world_version": WORLD_VERSION,
+              "training": asdict(settings), "pretraining_data_sha256": digest.hexdigest()}
+    return json.loads(json.dumps(record))  # as a record file reads back (tuples as lists)
+
+
+def shipped_clip(record: dict, shipped_clips: Path) -> Path | None:
+    """The shipped CLIP folder trained exactly as `record` says (every field equal), or None."""
+    folder = shipped_clips / record["recipe"]
+    if not (folder / CLIP_RECORD).is_file():
+        return None
+    shipped = json.loads((folder / CLIP_RECORD).read_text())
+    return folder if all(shipped.get(name) == value for name, value in record.items()) else None
+
+
+def _train_and_save_clip(raw_dir: Path, pixels: dict, captions: dict, scenes: dict, settings: ClipTraining,
+                         seed: int, num_threads: int, progress: bool, log: Callable[[str], None]) -> dict:
+    """Train the world's CLIP into `raw_dir/clip`; returns its first and final loss."""
+    log(f"== training the tiny CLIP ({CLIP_MODEL_NAME}) from scratch on {len(pixels['clip_pretrain'])} clip_pretrain "
+        "pairs: " + (f"{settings.tagging_steps} steps tagging scenes (vision tower), " if settings.tagging_steps else "")
+        + f"{settings.steps} contrastive steps of {settings.batch_size}, "
+        + (f"{settings.hard_negatives} hard negatives (one attribute swapped) per image, "
+           if settings.hard_negatives else "") + f"{num_threads} thread(s)")
+    clock = time.perf_counter()
+    model, losses = train_tiny_clip(pixels["clip_pretrain"], list(captions["clip_pretrain"].values()), settings,
+                                    seed, list(scenes["clip_pretrain"].values()), progress=progress)
+    save_tiny_clip(model, raw_dir / "clip")
+    result = {"first_loss": losses[0] if losses else None, "final_loss": _mean(losses[-max(1, len(losses) // 20):])}
+    log(f"   loss {result['first_loss']:.3f} -> {result['final_loss']:.3f} in {time.perf_counter() - clock:.0f} s; "
+        f"saved as an open_clip local-dir: folder {raw_dir / 'clip'}")
+    return result
+
+
 # --------------------------------------------------------------------------- the whole world
 
 _OUTPUTS = ("images", "annotations", "corpus", "scenes", "clip", "tokenizer", "world.json")
@@ -1335,10 +1388,13 @@ def build_world(raw_dir: str | os.PathLike, seed: int = 0, *, n_clip_pretrain: i
                 pretrain_captions_per_image: int = 1, n_train: int = 4000, n_val: int = 250, n_test: int = 500,
                 n_in_domain: int = 8000, n_cross_domain: int = 8000, clip: str = "sighted",
                 clip_training: ClipTraining | None = None, num_threads: int = 1, overwrite: bool = False,
+                retrain_clip: bool = False, shipped_clips: str | os.PathLike = SHIPPED_CLIPS,
                 progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Generate, render and write the shapes world under `raw_dir`, train its tiny CLIP and tokenizer.
 
     `clip` names the CLIP's recipe (`CLIP_RECIPES`: "sighted" or "plain"); `clip_training` replaces it outright.
+    A CLIP shipped in `shipped_clips` (`shipped_clip`) trained by the same recipe, seed and thread count on the same
+    pretraining images and captions is copied instead of trained, unless `retrain_clip`.
 
     Deterministic for a seed: captions, JSON, images, tokenizer and, for a given `num_threads`, the
     CLIP (CPU results depend on the thread count, so it is fixed, not taken from the machine). One
@@ -1369,26 +1425,26 @@ def build_world(raw_dir: str | os.PathLike, seed: int = 0, *, n_clip_pretrain: i
                                     raw_dir / "tokenizer")
         log(f"   word-level tokenizer for the captioner: {len(tokenizer)} tokens")
         timings["tokenizer_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        log(f"== training the tiny CLIP ({CLIP_MODEL_NAME}) from scratch on {n_clip_pretrain} clip_pretrain pairs: "
-            + (f"{clip_training.tagging_steps} steps tagging scenes (vision tower), "
-               if clip_training.tagging_steps else "")
-            + f"{clip_training.steps} contrastive steps of {clip_training.batch_size}, "
-            + (f"{clip_training.hard_negatives} hard negatives (one attribute swapped) per image, "
-               if clip_training.hard_negatives else "") + f"{num_threads} thread(s)")
-        model, losses = train_tiny_clip(pixels["clip_pretrain"], list(captions["clip_pretrain"].values()),
-                                        clip_training, seed, list(scenes["clip_pretrain"].values()),
-                                        progress=progress)
-        save_tiny_clip(model, raw_dir / "clip")
+        record = clip_training_record(clip, clip_training, seed, num_threads, pixels["clip_pretrain"],
+                                      captions["clip_pretrain"])
+        shipped = None if retrain_clip else shipped_clip(record, Path(shipped_clips))
+        if shipped is not None:
+            log(f"== the tiny CLIP ({CLIP_MODEL_NAME}) shipped in {shipped}: trained by this recipe, seed and thread "
+                f"count on these clip_pretrain pairs (`--retrain-clip` trains it again)")
+            shutil.copytree(shipped, raw_dir / "clip")
+            record = json.loads((shipped / CLIP_RECORD).read_text())
+        else:
+            record.update(_train_and_save_clip(raw_dir, pixels, captions, scenes, clip_training, seed, num_threads,
+                                               progress, log))
+            _write_json(raw_dir / "clip" / CLIP_RECORD, record)
         timings["clip_training_s"], clock = time.perf_counter() - clock, time.perf_counter()
-        log(f"   loss {losses[0]:.3f} -> {_mean(losses[-max(1, len(losses) // 20):]):.3f} in "
-            f"{timings['clip_training_s']:.0f} s; saved as an open_clip local-dir: folder {raw_dir / 'clip'}")
         log("== measuring the tiny CLIP on the validation split (loaded back from its folder)")
         metrics = evaluate_saved_clip(raw_dir, captions["val"], "val")
         timings["clip_evaluation_s"] = time.perf_counter() - clock
     finally:
         torch.set_num_threads(previous_threads)
-    summary = _summary(seed, sizes, pretrain_captions_per_image, corpora, len(tokenizer), clip_training, losses,
-                       metrics, timings)
+    summary = _summary(seed, sizes, pretrain_captions_per_image, corpora, len(tokenizer), record, metrics, timings)
+    summary["clip"]["source"] = "shipped" if shipped is not None else "trained"
     summary["num_threads"] = num_threads
     summary["clip"]["recipe"] = clip
     _write_json(raw_dir / "world.json", summary)
@@ -1398,8 +1454,7 @@ def build_world(raw_dir: str | os.PathLike, seed: int = 0, *, n_clip_pretrain: i
     return summary
 
 
-def _summary(seed, sizes, pretrain_captions, corpora, vocab_size, settings, losses, metrics, timings) -> dict:
-    tail = losses[-max(1, len(losses) // 20):]
+def _summary(seed, sizes, pretrain_captions, corpora, vocab_size, record, metrics, timings) -> dict:
     return {
         "version": WORLD_VERSION,
         "seed": seed,
@@ -1411,8 +1466,7 @@ def _summary(seed, sizes, pretrain_captions, corpora, vocab_size, settings, loss
         "vocab_size": vocab_size,
         "clip": {
             "model_name": CLIP_MODEL_NAME, "local_dir": "clip", "embed_dim": clip_model_config()["embed_dim"],
-            "training": {**asdict(settings), "first_loss": losses[0] if losses else None,
-                         "final_loss": _mean(tail)},
+            "training": {**record["training"], "first_loss": record["first_loss"], "final_loss": record["final_loss"]},
             "validation": metrics,
             "definitions": R1_DEFINITIONS,
         },

@@ -65,11 +65,11 @@ def world_is_ready(output_dir: str | Path = "data/shapes", seed: int = 0, clip: 
         and _world_matches(world, seed, {}, clip)
 
 
-def _build_world(raw: Path, seed: int, clip: str, rebuild: bool, sizes: dict, progress: bool,
+def _build_world(raw: Path, seed: int, clip: str, rebuild: bool, retrain_clip: bool, sizes: dict, progress: bool,
                  log: Callable[[str], None]) -> tuple[dict, bool]:
     """The world summary, and whether it was (re)built now."""
     world_file = raw / "world.json"
-    if world_file.is_file() and not rebuild:
+    if world_file.is_file() and not rebuild and not retrain_clip:
         world = json.loads(world_file.read_text())
         if _world_matches(world, seed, sizes, clip):
             log(f"== reusing the shapes world in {raw} (seed {seed}, {clip} CLIP; --overwrite rebuilds it)")
@@ -77,7 +77,8 @@ def _build_world(raw: Path, seed: int, clip: str, rebuild: bool, sizes: dict, pr
                 log(f"   {line}")
             return world, False
     # Without world.json an earlier build did not finish: whatever it left is replaced.
-    return build_world(raw, seed=seed, clip=clip, overwrite=True, progress=progress, log=log, **sizes), True
+    return build_world(raw, seed=seed, clip=clip, overwrite=True, retrain_clip=retrain_clip, progress=progress,
+                       log=log, **sizes), True
 
 
 def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
@@ -89,18 +90,19 @@ def _print_reports(step: str, result: dict, log: Callable[[str], None]) -> None:
 def prepare_shapes(output_dir: str | Path = "data/shapes", seed: int = 0, overwrite: bool = False,
                    options: RunOptions | None = None, pretrain_split: float = 0.5,
                    temperature: float | None = None, log: Callable[[str], None] = print, clip: str = "sighted",
-                   **sizes) -> dict:
+                   retrain_clip: bool = False, **sizes) -> dict:
     """Build (or reuse) the shapes world and all its tables; returns the manifest (also written to disk).
 
     `clip` is the world CLIP's recipe ("sighted" or "plain", see `dataprep.shapes.CLIP_RECIPES`); `sizes` go to
-    `build_world`. A world built anew rebuilds every table, since its CLIP changed.
+    `build_world`. A world built anew rebuilds every table, since its CLIP changed. `retrain_clip` rebuilds the world
+    and trains its CLIP even where a shipped one fits (`dataprep.shapes.shipped_clip`).
     """
     output_dir = Path(output_dir)
     raw, tables = output_dir / "raw", output_dir / "tables"
     options = options or RunOptions()
     timings = {}
     started = time.perf_counter()
-    world, rebuilt = _build_world(raw, seed, clip, overwrite, sizes, options.progress, log)
+    world, rebuilt = _build_world(raw, seed, clip, overwrite, retrain_clip, sizes, options.progress, log)
     timings["world"] = time.perf_counter() - started
     options = replace(options, overwrite=options.overwrite or overwrite or rebuilt)
     clip = ClipRequest(f"local-dir:{raw / 'clip'}", None, options.device)

@@ -5,6 +5,7 @@
 
 import json
 import random
+import shutil
 
 import numpy as np
 import open_clip
@@ -454,6 +455,34 @@ def test_fresh_tiny_clip_claims_no_failed_load(caplog):
         model = shapes.new_tiny_clip()
     assert not [record for record in caplog.records if record.levelname in ("WARNING", "ERROR")]
     assert open_clip.get_model_preprocess_cfg(model)["size"] == shapes.IMAGE_SIZE
+
+
+def test_shipped_clip_is_copied_only_where_it_was_trained_on_this_world(world, tmp_path, capsys):
+    raw, summary = world
+    assert summary["clip"]["source"] == "trained"
+    shipped = tmp_path / "shipped"
+    shutil.copytree(raw / "clip", shipped / "sighted")
+    capsys.readouterr()
+    copied = build_world(tmp_path / "copied", seed=0, shipped_clips=shipped, **TINY)
+    assert "shipped in" in capsys.readouterr().out and copied["clip"]["source"] == "shipped"
+    assert _files(tmp_path / "copied", "clip/*") == _files(raw, "clip/*")
+    assert copied["clip"]["training"] == summary["clip"]["training"]
+    assert copied["clip"]["validation"] == summary["clip"]["validation"]
+    for name, change in {"other seed": dict(seed=1), "asked to retrain": dict(retrain_clip=True),
+                         "other pretraining images": dict(n_clip_pretrain=40), "other recipe": dict(clip="plain")}.items():
+        built = build_world(tmp_path / name.replace(" ", "_"), shipped_clips=shipped, **{"seed": 0, **TINY, **change})
+        assert built["clip"]["source"] == "trained", name
+        assert "training the tiny CLIP" in capsys.readouterr().out, name
+
+
+def test_shipped_clips_fit_the_default_world(tmp_path):
+    """The CLIPs shipped with the code were trained on the pretraining pairs the default world draws today: a change
+    to scenes, rendering or captions without retraining them would make every default run train for minutes."""
+    sizes = {"clip_pretrain": 10000, "train": 1, "val": 1, "test": 1}
+    captions, pixels, _ = shapes._build_image_splits(tmp_path, 0, sizes, 1, lambda line: None)
+    for recipe, settings in shapes.CLIP_RECIPES.items():
+        record = shapes.clip_training_record(recipe, settings, 0, 1, pixels["clip_pretrain"], captions["clip_pretrain"])
+        assert shapes.shipped_clip(record, shapes.SHIPPED_CLIPS) == shapes.SHIPPED_CLIPS / recipe, recipe
 
 
 def test_build_says_what_it_does(tmp_path, capsys, caplog):
