@@ -27,7 +27,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from pipeline_scstclipcap import CLIP_FOLDER, LOCAL_DIR, OPEN_CLIP_CONFIG, make_pipeline_ready
+from clip_scstclipcap import CLIP_FOLDER, LOCAL_DIR, OPEN_CLIP_CONFIG
+from pipeline_scstclipcap import make_pipeline_ready
 
 SKIPPED_MODEL_FILES = ("training_args.bin", "README.md")  # a pickle stays home; the card is written anew
 CODE_FILES = ("configuration_scstclipcap.py", "modeling_scstclipcap.py")
@@ -190,7 +191,7 @@ def describe_tables(tables_dir: Path) -> dict:
     """Image sets, corpora and CLIP of the tables under `tables_dir`, read from their metadata."""
     from datasets import load_from_disk
 
-    from dataprep.clip import describe_clip, read_table_description
+    from clip_scstclipcap import describe_clip, read_table_description
 
     info_files = sorted(tables_dir.glob("**/dataset_info.json"))
     if not info_files:

@@ -7,8 +7,8 @@ This file is self-contained on purpose: a saved model folder carries it, and
     >>> model.generate_captions(clip_image_features)  # (batch, D) -> list of strings
     >>> model.caption_images(["photo.jpg"])  # images -> list of strings, through the model's own CLIP
 
-The image side (CLIP loading, image decoding) and the `transformers` pipeline live beside this file in
-`pipeline_scstclipcap.py`, imported only when images are captioned.
+The image side (CLIP loading, image decoding and encoding) lives beside this file in `clip_scstclipcap.py`, imported
+only when images are captioned; the `transformers` pipeline in `pipeline_scstclipcap.py`.
 """
 
 from dataclasses import dataclass
@@ -377,33 +377,32 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
 
     @property
     def caption_clip(self):
-        """The CLIP image encoder whose embeddings this model reads (`pipeline_scstclipcap.CaptioningClip`), loaded
+        """The CLIP image encoder whose embeddings this model reads (`clip_scstclipcap.CaptioningClip`), loaded
         once: the one bundled in the model's folder or Hub repo (`clip/`), otherwise `config.clip_model_name` /
         `config.clip_pretrained` through open_clip."""
         if self._caption_clip is None:
-            clip_class, _ = _captioning_classes()
-            self._caption_clip = clip_class.for_captioner(self.config, self.name_or_path, device=self.device)
+            self._caption_clip = _clip_class().for_captioner(self.config, self.name_or_path, device=self.device)
         return self._caption_clip
 
     def caption_images(
         self, images, clip=None, *, batch_size: int = 32, tokenizer=None, timeout: float | None = None,
         **generation_kwargs
     ) -> list[str]:
-        """Captions of images, through the same code as the captioning pipeline: the CLIP embedding the model reads
-        (`config.clip_embedding`), then [`generate`].
+        """Captions of images, as the captioning pipeline gives them: the CLIP embedding the model reads
+        (`config.clip_embedding`) by the CLIP module the pipeline uses (clip_scstclipcap.py), then [`generate`].
 
         Args:
             images (PIL image, path or URL, or a list of them):
                 The images. One that cannot be captioned (a missing file, data that is no image, a URL that does not
-                answer) raises the pipeline's error, which names it and, in a list, its index.
-            clip (`pipeline_scstclipcap.CaptioningClip`, *optional*):
+                answer) raises one error, which names it and, in a list, its index.
+            clip (`clip_scstclipcap.CaptioningClip`, *optional*):
                 The image encoder; defaults to [`caption_clip`].
             batch_size (`int`, defaults to 32):
                 Images encoded and captioned together.
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Defaults to the tokenizer saved beside the model.
             timeout (`float`, *optional*):
-                Seconds a URL may take to connect and to send each part of the image (the pipeline's `URL_TIMEOUT`
+                Seconds a URL may take to connect and to send each part of the image (`clip_scstclipcap.URL_TIMEOUT`
                 when not given).
             generation_kwargs:
                 Passed to [`generate`] (`max_new_tokens`, defaulting to the generation config's, `num_beams`,
@@ -412,27 +411,25 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
         Returns:
             `list[str]` of length `len(images) * num_return_sequences` (`num_return_sequences` for one image).
         """
-        _, pipeline_class = _captioning_classes()
-        captioner = pipeline_class(
-            model=self,
-            tokenizer=tokenizer or self.caption_tokenizer,
-            clip=clip or self.caption_clip,
-            device=self.device,
-        )
-        outputs = captioner(images, batch_size=batch_size, timeout=timeout, **generation_kwargs)
-        if not isinstance(images, (list, tuple)):
-            outputs = [outputs]
-        return [output["generated_text"] for per_image in outputs for output in per_image]
+        clip = clip or self.caption_clip
+        normalize = self.config.clip_embedding == "normalized"
+        if isinstance(images, (list, tuple)):
+            features = clip.encode_images(images, batch_size=batch_size, normalize=normalize, timeout=timeout)
+        else:
+            features = clip.encode(clip.pixel_values(images, timeout=timeout), normalize=normalize)
+        return [caption for start in range(0, len(features), batch_size)
+                for caption in self.generate_captions(features[start : start + batch_size], tokenizer,
+                                                      **generation_kwargs)]
 
 
-def _captioning_classes():
-    """`CaptioningClip` and `SCSTClipCapPipeline` from pipeline_scstclipcap.py beside this file. The import is
-    relative so that `save_pretrained` copies that file too and remote code fetches it."""
+def _clip_class():
+    """`CaptioningClip` from clip_scstclipcap.py beside this file. The import is relative so that `save_pretrained`
+    copies that file too and remote code fetches it."""
     try:
-        from .pipeline_scstclipcap import CaptioningClip, SCSTClipCapPipeline
+        from .clip_scstclipcap import CaptioningClip
     except ImportError:
-        from pipeline_scstclipcap import CaptioningClip, SCSTClipCapPipeline
-    return CaptioningClip, SCSTClipCapPipeline
+        from clip_scstclipcap import CaptioningClip
+    return CaptioningClip
 
 
 SCSTClipCapForCaptioning.register_for_auto_class("AutoModel")

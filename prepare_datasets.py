@@ -35,7 +35,7 @@
 CLIP: --clip-model NAME --clip-pretrained TAG|FILE|hf-hub:ID (default ViT-B-32 / openai), or
 --clip-model local-dir:PATH / hf-hub:ID. Features are stored L2-normalised, with each raw embedding's
 norm beside them (clip_features_norm), so models that read raw CLIP output are fed too; every table
-records its CLIP (see dataprep/clip.py) and tables of different CLIPs are refused before any work.
+records its CLIP (see clip_scstclipcap.py) and tables of different CLIPs are refused before any work.
 A finished table is reused when the command runs again, unless --overwrite. Skipped inputs are
 counted by reason and listed in <table>.report.json; the command fails (exit 2) only when an
 input cannot be read at all or nothing usable is left.
@@ -49,10 +49,10 @@ import sys
 import time
 
 # OpenMP threads that spin while waiting stall each other on a busy CPU (DataLoader workers, other
-# processes): small CLIP forwards ran 20x slower on 2 shared cores. Read only when torch loads.
+# processes; docs/measurements.md). Read only when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dataprep.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipMismatchError, has_schema  # noqa: E402
+from clip_scstclipcap import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, ClipMismatchError, has_schema  # noqa: E402
 from dataprep.common import ClipRequest, RunOptions, default_device, default_num_workers  # noqa: E402
 from dataprep.corpus import SOURCES, prepare_corpus  # noqa: E402
 from dataprep.images import prepare_coco, prepare_flickr30k  # noqa: E402
@@ -213,7 +213,7 @@ def run_command(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "rehearsal", False):
-        from pipeline_scstclipcap import allow_rehearsal
+        from clip_scstclipcap import allow_rehearsal
 
         allow_rehearsal()
     started = time.perf_counter()

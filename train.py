@@ -34,11 +34,10 @@ from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from datasets import load_from_disk
 from transformers import AutoConfig, AutoModel, AutoTokenizer, GPT2Config, HfArgumentParser, set_seed
 
-from configuration_scstclipcap import SCSTClipCapConfig
-from dataprep.clip import (
-    ClipMismatchError, ClipTextEncoder, LoadedClip, check_clip_metadata, check_model_features, describe_clip,
-    read_clip_metadata,
+from clip_scstclipcap import (
+    CaptioningClip, ClipMismatchError, check_clip_metadata, check_model_features, describe_clip, read_clip_metadata,
 )
+from configuration_scstclipcap import SCSTClipCapConfig
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import make_pipeline_ready
 from trainers import CaptionEvaluator, ClipRewards, InitConfig, InitTrainer, SCSTConfig, SCSTTrainer
@@ -451,9 +450,9 @@ def spice_ready(config: InitConfig) -> bool:
 
 
 @functools.cache
-def frozen_clip(model_name: str, pretrained: str | None, device: str) -> LoadedClip:
+def frozen_clip(model_name: str, pretrained: str | None, device: str) -> CaptioningClip:
     """The frozen CLIP of a run, loaded once for every use of it (CLIP-S in each evaluation, the scst rewards)."""
-    return LoadedClip.load(model_name, pretrained, device)
+    return CaptioningClip.load(model_name, pretrained, device)
 
 
 def clip_s_metric(table, config: InitConfig):
@@ -467,7 +466,7 @@ def clip_s_metric(table, config: InitConfig):
         logger.warning("CLIP-S is skipped: the table's CLIP %s cannot be loaded (%s).", describe_clip(meta), error)
         return lambda predictions: {}
     features = dict(zip(table["image_id"], table["clip_features"]))
-    encode_text = ClipTextEncoder(clip.model, clip.tokenizer)
+    encode_text = clip.text_encoder
 
     def metric(predictions: dict[str, str]) -> dict[str, float]:
         image_ids = list(predictions)
@@ -663,7 +662,7 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     head = HfArgumentParser(ScriptArguments).parse_known_args(argv)[0]
     if head.rehearsal:
-        from pipeline_scstclipcap import allow_rehearsal
+        from clip_scstclipcap import allow_rehearsal
 
         allow_rehearsal()
     recipe = read_recipe(head.config or (str(DEFAULT_RECIPE) if not argv else None))

@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataprep.clip import save_local_clip  # noqa: E402
+from clip_scstclipcap import save_local_clip  # noqa: E402
 from dataprep.common import ClipRequest, RunOptions  # noqa: E402
 from dataprep.images import build_images_tables  # noqa: E402
 from dataprep.sources import SkipReport  # noqa: E402

@@ -27,7 +27,7 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import clip_metadata, save_local_clip  # noqa: E402
+from clip_scstclipcap import clip_metadata, save_local_clip  # noqa: E402
 from generation import build_model, time_round_robin  # noqa: E402
 from trainers import CaptionCollator, InitConfig, InitTrainer  # noqa: E402
 from trainers.discriminator import Discriminator  # noqa: E402

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .clip import LoadedClip, check_clip_metadata, clip_metadata, read_table_description
+from clip_scstclipcap import CaptioningClip, check_clip_metadata, clip_metadata, read_table_description
+
 from .sources import DataPrepError, SkipReport
 from .tables import report_path, table_exists
 
@@ -41,16 +42,16 @@ class ClipRequest:
     model_name: str
     pretrained: str | None = None
     device: str = "cpu"
-    _loaded: LoadedClip | None = field(default=None, repr=False)
+    _loaded: CaptioningClip | None = field(default=None, repr=False)
 
     def expected(self) -> dict:
         """Metadata to compare tables with, before loading anything (D is not known yet)."""
         return clip_metadata(self.model_name, self.pretrained, None, True)
 
-    def load(self) -> LoadedClip:
+    def load(self) -> CaptioningClip:
         if self._loaded is None:
             try:
-                self._loaded = LoadedClip.load(self.model_name, self.pretrained, self.device)
+                self._loaded = CaptioningClip.load(self.model_name, self.pretrained, self.device)
             except (OSError, ValueError, RuntimeError) as error:
                 raise DataPrepError(f"cannot load CLIP {self.model_name} (pretrained {self.pretrained}): {error}") from error
         return self._loaded

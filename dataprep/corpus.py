@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .clip import iter_text_features, norm_column, read_table_description
+from clip_scstclipcap import iter_text_features, norm_column, read_table_description
+
 from .common import ClipRequest, RunOptions, require_rows, reusable, reused_report, table_description
 from .sources import (CleaningRules, DataPrepError, SkipReport, clean_corpus, read_gcc_tsv, read_sentence_dump,
                       read_training_captions)

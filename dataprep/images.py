@@ -21,7 +21,8 @@ from pathlib import Path
 
 import datasets
 
-from .clip import iter_image_features, norm_column
+from clip_scstclipcap import iter_image_features, norm_column
+
 from .common import ClipRequest, RunOptions, require_rows, reusable, reused_report, table_description
 from .sources import (CaptionFile, DataPrepError, SkipReport, find_image_file, index_image_files, is_karpathy_split,
                       load_caption_json, lookups_tried, parse_captions, read_karpathy, read_oscar_captions)

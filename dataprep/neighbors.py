@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .clip import check_clip_metadata, norm_column, read_table_description
+from clip_scstclipcap import check_clip_metadata, norm_column, read_table_description
+
 from .common import ClipRequest, RunOptions, reused_report, table_description
 from .sources import DataPrepError, SkipReport
 from .tables import (TableWriter, feature_matrix, images_features, iter_feature_chunks, load_table,

@@ -942,15 +942,12 @@ class ClipTraining:
     weight_decay: float = 0.05
     warmup_steps: int = 40
     # Before the contrastive steps the vision tower is trained this many steps to tag each scene (`SCENE_TAGS`,
-    # a multi-label head dropped afterwards), as LiT and many CLIPs start from a supervised backbone. Under the
-    # contrastive loss alone it learned shape and texture only as far as the captions' other words left images
-    # apart, and overfitted them (swap test shape 0.69 on its training images, 0.62 on test, where a classifier of
-    # the same tower reaches 0.91): after 1000 contrastive steps, shape 0.62 -> 0.84 and R@1 0.81 -> 0.89 with 1000
-    # tagging steps; 2000 tagging steps before 2000 contrastive ones, shape 0.95 -> 0.98, texture 0.83 -> 0.90.
+    # a multi-label head dropped afterwards), as LiT and many CLIPs start from a supervised backbone: under the
+    # contrastive loss alone it learns shape and texture only as far as the captions' other words leave images apart
+    # (docs/shapes_world.md has what was measured).
     tagging_steps: int = 2000
     # NegCLIP-style hard negatives: per image, this many of its caption's variants with one attribute swapped (false
-    # of it) join the texts every image must not pick. 0 turns them off (plain CLIP loss). 6 rather than 4: swap
-    # test relation 0.877 -> 0.899, texture 0.888 -> 0.901, at a smaller modality gap (0.558 -> 0.525).
+    # of it) join the texts every image must not pick. 0 turns them off (plain CLIP loss).
     hard_negatives: int = 6
     negatives_per_caption: int = 8  # swaps prepared per caption; each step draws `hard_negatives` among them
     # A prepared swap's family is drawn in proportion to these weights (1 for the others): the families a contrastive
@@ -958,13 +955,11 @@ class ClipTraining:
     negative_family_weights: tuple[tuple[str, float], ...] = (("shape", 3.0), ("texture", 3.0), ("relation", 3.0))
     # Each image also ranks its caption against its own hard negatives alone (a softmax over 1 + hard_negatives),
     # this loss added with this weight: in the batch's softmax a minimal pair is one text among ~200 and its gradient
-    # fades once the easy ones are sorted. Measured together with the weighted families (tagging, 1000 steps; one
-    # unweighted negative and no pair loss -> four weighted ones and this loss): swap test shape 0.84 -> 0.87,
-    # texture 0.67 -> 0.82, relation 0.86 -> 0.83 (relation needed opposites, see `_hard_swap`).
+    # fades once the easy ones are sorted.
     pair_loss_weight: float = 1.0
     # The text tower stays at its random start for this share of the steps (then warms up and decays like the
     # vision tower): the vision tower first learns to meet fixed text features, which keeps the towers' cones
-    # apart. Measured at 1200 steps (test split): modality gap 0.76 instead of 0.45, same R@1 (0.81) and swap test.
+    # apart (a larger modality gap, as real CLIPs have).
     text_frozen_share: float = 0.5
 
     @property
@@ -1164,10 +1159,10 @@ def train_tiny_clip(pixels: np.ndarray, captions: Sequence[Sequence[str]], setti
     """
     from tqdm.auto import tqdm
 
-    from .clip import CausalTextTower
+    from clip_scstclipcap import CausalTextTower
 
     torch.manual_seed(seed)
-    # channels_last makes the small convolutions of the vision tower about 1.5x faster on CPU
+    # channels_last makes the small convolutions of the vision tower faster on CPU (docs/measurements.md)
     model = new_tiny_clip(model_cfg).to(memory_format=torch.channels_last)
     images = _pixel_tensor(pixels, model.visual.preprocess_cfg).contiguous(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(seed)
@@ -1256,7 +1251,7 @@ def evaluate_saved_clip(raw_dir: Path, references: dict[str, list[str]], split: 
     """Measure the world's saved CLIP on a split (validation: every choice made from these figures must leave test
     unread), loaded through `local-dir:` exactly as feature extraction loads it; `references` maps each image id of
     the split to its references."""
-    from .clip import encode_images, encode_texts, load_clip
+    from clip_scstclipcap import encode_images, encode_texts, load_clip
 
     model, preprocess, tokenizer = load_clip(f"local-dir:{raw_dir / 'clip'}")
     scenes = json.loads((raw_dir / "scenes" / f"{split}.json").read_text())
@@ -1273,7 +1268,7 @@ def evaluate_saved_clip(raw_dir: Path, references: dict[str, list[str]], split: 
 
 
 def save_tiny_clip(model: torch.nn.Module, clip_dir: Path) -> str:
-    from .clip import save_local_clip
+    from clip_scstclipcap import save_local_clip
 
     return save_local_clip(model, clip_model_config(), clip_dir)
 

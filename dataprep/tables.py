@@ -3,7 +3,7 @@
 A table is written row batch by row batch into one Arrow file in a hidden staging folder (memory
 stays flat however many rows there are), then published with `Dataset.save_to_disk` under a
 temporary name and renamed into place. A table folder that exists is therefore complete, and a
-command re-run without --overwrite reuses it. Its metadata (see dataprep.clip) is the JSON in
+command re-run without --overwrite reuses it. Its metadata (see clip_scstclipcap) is the JSON in
 `DatasetInfo.description`; its report `<table>.report.json` lies beside the folder.
 """
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from .clip import check_clip_metadata, norm_column, read_table_description
+from clip_scstclipcap import check_clip_metadata, norm_column, read_table_description
 
 NORMS = {norm_column("clip_features"): Value("float32")}
 
@@ -31,7 +31,7 @@ def feature_column(dim: int) -> List:
 
 
 def images_features(dim: int, with_agg: bool = False, with_norms: bool = False) -> Features:
-    """Images table schema; `with_norms` adds `clip_features_norm`, the raw CLIP embedding's norm (dataprep.clip)."""
+    """Images table schema; `with_norms` adds `clip_features_norm`, the raw CLIP embedding's norm (clip_scstclipcap)."""
     columns = {
         "image_id": Value("string"),
         "file_name": Value("string"),

@@ -4,11 +4,10 @@ CLIP-S(image, caption) = weight * max(cos(E_image, E_text("A photo depicts " + c
 weight 2.5, averaged over images. Image features are precomputed (the images table's
 `clip_features`); captions are encoded by an open_clip model + tokenizer or any callable.
 
-    import open_clip
+    from clip_scstclipcap import CaptioningClip
     from metrics.clip_score import clip_score
-    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    clip_score(image_features, captions, model=model, tokenizer=tokenizer)
+    clip = CaptioningClip.load("ViT-B-32", "openai")
+    clip_score(image_features, captions, encode_text=clip.text_encoder)   # or model=clip.model, tokenizer=clip.tokenizer
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from clip_scstclipcap import ClipTextEncoder
 
 CLIP_S_WEIGHT = 2.5
 # Hessel et al. prefix every caption with this prompt; it slightly improves correlation with humans.
@@ -53,7 +54,7 @@ def encode_captions(
     if encode_text is None:
         if model is None or tokenizer is None:
             raise ValueError("encode captions with either model and tokenizer (open_clip) or encode_text")
-        encode_text = _open_clip_text_encoder(model, tokenizer)
+        encode_text = ClipTextEncoder(model, tokenizer)
     texts = [f"{prompt} {caption}" if prompt else caption for caption in captions]
     batches = [
         _as_matrix(encode_text(texts[start : start + batch_size]), "encoded captions").cpu()
@@ -83,15 +84,6 @@ def clip_score(
             raise TypeError("captions must be a sequence of str, one per image, not a single str")
         text_features = encode_captions(captions, model, tokenizer, encode_text, prompt, batch_size)
     return float(clip_s_per_image(image_features, text_features, weight).mean())
-
-
-def _open_clip_text_encoder(model: torch.nn.Module, tokenizer: Callable) -> Callable[[list[str]], torch.Tensor]:
-    device = next(model.parameters()).device
-
-    def encode_text(texts: list[str]) -> torch.Tensor:
-        return model.encode_text(tokenizer(texts).to(device))
-
-    return encode_text
 
 
 def _as_matrix(features: Features, name: str) -> torch.Tensor:

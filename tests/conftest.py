@@ -29,7 +29,7 @@ def make_tiny_clip(folder, seed: int = 0) -> str:
     """A random tiny open_clip saved as a `local-dir:` folder; returns its open_clip model name."""
     import open_clip
 
-    from dataprep.clip import save_local_clip
+    from clip_scstclipcap import save_local_clip
 
     torch.manual_seed(seed)
     return save_local_clip(open_clip.CLIP(**TINY_CLIP), TINY_CLIP, folder)

@@ -18,9 +18,9 @@ from torch.nn import functional as F
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 import convert_checkpoint
+from clip_scstclipcap import load_clip
 from conftest import PROJECT_ROOT, write_random_images
 from convert_checkpoint import main
-from dataprep.clip import load_clip
 
 N_EMBD, N_HEAD, VOCAB_SIZE = 32, 2, 64
 WORDS = "a the red blue green circle square small big left right of above is and .".split()

@@ -47,11 +47,11 @@ def build_setup(work: Path):
     from transformers import PreTrainedTokenizerFast
 
     from conftest import make_tiny_clip
-    from dataprep.clip import LoadedClip
+    from clip_scstclipcap import CaptioningClip
 
     work.mkdir(parents=True, exist_ok=True)
     clip_name = make_tiny_clip(work / "clip")
-    clip = LoadedClip.load(clip_name)
+    clip = CaptioningClip.load(clip_name)
     vocab = {"<pad>": 0, "<|endoftext|>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard, set_client_factory
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils._http import default_client_factory
 
+from clip_scstclipcap import clip_metadata, encode_images, load_clip
 from conftest import run_script_outside_the_project
-from dataprep.clip import clip_metadata, encode_images, load_clip
 from dataprep.common import table_description
 from dataprep.tables import images_features, save_table
 from hub_upload import main
@@ -128,7 +128,7 @@ def test_dry_run_stages_a_folder_that_captions_in_a_fresh_process(
     model_files = folder_files(trained_run)
     copied = [name for name in model_files if name not in ("training_args.bin", "config.json")]
     assert {name: staged_files[name] for name in copied} == {name: model_files[name] for name in copied}
-    assert {"README.md", "pipeline_scstclipcap.py", "clip/open_clip_config.json",
+    assert {"README.md", "pipeline_scstclipcap.py", "clip_scstclipcap.py", "clip/open_clip_config.json",
             "clip/open_clip_model.safetensors"} <= set(staged_files)
     assert "training_args.bin" not in staged_files
     config = json.loads(staged_files["config.json"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 import train
-from dataprep.clip import clip_metadata
+from clip_scstclipcap import clip_metadata
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from trainers import CaptionCollator, InitConfig, InitTrainer, mmd_rbf
 

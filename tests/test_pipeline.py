@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-import pipeline_scstclipcap
+import clip_scstclipcap
 from conftest import (
     PROJECT_ROOT,
     make_tiny_clip,
@@ -35,17 +35,16 @@ from conftest import (
     write_random_images,
 )
 
-from dataprep.clip import LoadedClip, clip_metadata, encode_images, encode_texts, load_clip
+from clip_scstclipcap import CaptioningClip, clip_metadata, encode_images, encode_texts, load_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import (
     PIPELINE_TASK,
-    CaptioningClip,
     SCSTClipCapPipeline,
     bundle_clip,
     custom_pipelines,
     make_pipeline_ready,
 )
-
+from trainers.rewards import ClipRewards
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +211,7 @@ def test_bundled_clip_wins_over_the_config_reference(model_dir, clip_name, image
 
 
 def test_the_captioning_clip_is_the_one_tables_rewards_and_clip_s_load(clip_name, image_paths, tmp_path):
-    clip = LoadedClip.load(clip_name)
+    clip = CaptioningClip.load(clip_name)
     assert isinstance(clip, CaptioningClip)
     model, preprocess, tokenizer = load_clip(clip_name)
     torch.testing.assert_close(clip.encode_images(image_paths, batch_size=3),
@@ -227,16 +226,50 @@ def test_the_captioning_clip_is_the_one_tables_rewards_and_clip_s_load(clip_name
         load_clip("ViT-B-32")
 
 
-def test_saved_folders_carry_the_pipeline_as_transformers_saves_it(model_dir, tmp_path):
-    assert "pipeline_scstclipcap.py" in os.listdir(model_dir), "save_pretrained copies the model code's imports"
+HUB_FOLDER_CLIP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from transformers import AutoModel
+    folder, paths, sentences = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    assert not any("scstclipcap" in name for name in sys.modules)
+    clip = AutoModel.from_pretrained(folder, trust_remote_code=True).caption_clip
+    print(json.dumps({
+        "images": clip.encode_images(paths, batch_size=3).tolist(),
+        "sentences": clip.text_encoder(sentences).tolist(),
+        "clip_module": type(clip).__module__,
+    }))
+    """
+)
+
+
+def test_the_hub_folder_encodes_images_and_sentences_as_training_did(model_dir, clip_name, image_paths, tmp_path):
+    """The CLIP code a saved folder carries, run as remote code, against the tables' image features and the scst
+    rewards' sentence features."""
     make_pipeline_ready(model_dir)
+    sentences = ["a red circle.", "a small blue square above a green triangle on a striped background."]
+    report = run_script_outside_the_project(
+        HUB_FOLDER_CLIP_SCRIPT, [model_dir, json.dumps(image_paths), json.dumps(sentences)], tmp_path)
+    assert report["clip_module"].startswith("transformers_modules")
+
+    clip_model, preprocess, _ = load_clip(clip_name)
+    table_features = encode_images(clip_model, preprocess, image_paths)
+    reward_features = ClipRewards(CaptioningClip.load(clip_name)).encode_text(sentences)
+    torch.testing.assert_close(torch.tensor(report["images"]), table_features)
+    torch.testing.assert_close(torch.tensor(report["sentences"]), reward_features)
+
+
+def test_saved_folders_carry_the_pipeline_as_transformers_saves_it(model_dir, tmp_path):
+    assert "clip_scstclipcap.py" in os.listdir(model_dir), "save_pretrained copies the model code's imports"
+    make_pipeline_ready(model_dir)
+    assert "pipeline_scstclipcap.py" in os.listdir(model_dir)
     written = json.loads((model_dir / "config.json").read_text())["custom_pipelines"]
     assert written == custom_pipelines()
 
     saved = tmp_path / "saved_by_the_pipeline"
     load_pipeline(model_dir).save_pretrained(saved)
     assert json.loads((saved / "config.json").read_text())["custom_pipelines"] == written
-    assert {"pipeline_scstclipcap.py", "modeling_scstclipcap.py", "configuration_scstclipcap.py"} <= set(
+    assert {"pipeline_scstclipcap.py", "clip_scstclipcap.py", "modeling_scstclipcap.py",
+            "configuration_scstclipcap.py"} <= set(
         os.listdir(saved)
     )
     assert (saved / "clip" / "open_clip_config.json").read_text() == (
@@ -385,7 +418,7 @@ def test_odd_but_good_images_are_captioned_as_pil_and_the_clip_transform_see_the
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, re, sys
-    from pipeline_scstclipcap import CaptioningClip
+    from clip_scstclipcap import CaptioningClip
 
     def peak_bytes():
         # This process's own peak resident memory (ru_maxrss would carry over the parent's peak through exec).
@@ -431,7 +464,7 @@ def test_a_url_that_never_answers_fails_within_the_timeout(model_dir, silent_url
     model = SCSTClipCapForCaptioning.from_pretrained(model_dir).eval()
     message = re.escape(f"Cannot download the image {silent_url}: TimeoutError: timed out (no answer within 0.5 s)")
     calls = [lambda: captioner(silent_url, timeout=0.5), lambda: model.caption_images([silent_url], timeout=0.5)]
-    monkeypatch.setattr(pipeline_scstclipcap, "URL_TIMEOUT", 0.5)
+    monkeypatch.setattr(clip_scstclipcap, "URL_TIMEOUT", 0.5)
     calls.append(lambda: captioner(silent_url))  # the default timeout, without one given
     for call in calls:
         started = time.monotonic()

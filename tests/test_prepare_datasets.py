@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from clip_scstclipcap import (
+    CausalTextTower, ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata, encode_images,
+    encode_texts, iter_text_features, load_clip, model_prefix_features, read_clip_metadata, table_prefix_features,
+)
 from conftest import TINY_CLIP, make_tiny_clip
-from dataprep.clip import (CausalTextTower, ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata,
-                           encode_images, encode_texts, iter_text_features, load_clip, model_prefix_features,
-                           read_clip_metadata, table_prefix_features)
 from dataprep.common import RunOptions
 from dataprep.corpus import split_for_pretraining
 from dataprep.neighbors import aggregated_targets, nearest_sentences

@@ -6,8 +6,7 @@ import torch
 
 import prepare_datasets
 import train
-from dataprep.clip import LoadedClip
-from pipeline_scstclipcap import REHEARSAL_ENV, REHEARSAL_WEIGHTS, CaptioningClip
+from clip_scstclipcap import REHEARSAL_ENV, REHEARSAL_WEIGHTS, CaptioningClip
 from trainers.rewards import ClipRewards
 
 SMALL = "RN50"  # any built-in architecture; the refusal comes before any weights are made
@@ -45,7 +44,7 @@ def test_the_recipes_clip_scores_captions_on_their_own_positions(monkeypatch):
     """ViT-B-32 (77 positions) scores the rewards' captions on the positions up to the longest one's end token, with
     the features of its whole context (at real size: 12 layers of float sums in another order)."""
     monkeypatch.setenv(REHEARSAL_ENV, "1")
-    clip = LoadedClip.load("ViT-B-32", REHEARSAL_WEIGHTS)
+    clip = CaptioningClip.load("ViT-B-32", REHEARSAL_WEIGHTS)
     positions = []
     clip.model.transformer.register_forward_hook(lambda _, inputs, __: positions.append(inputs[0].shape[1]))
     captions = ["a man riding a wave on top of a surfboard.", "a plate of food."]

@@ -25,14 +25,14 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer, TrainerCallback
 
 import train
+from clip_scstclipcap import ClipMismatchError, ClipTextEncoder, clip_metadata, save_local_clip
 from conftest import PROJECT_ROOT, tiny_decoder_config
 from configuration_scstclipcap import SCSTClipCapConfig
 from dataprep import shapes
-from dataprep.clip import ClipMismatchError, clip_metadata, save_local_clip
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from trainers import CaptionEvaluator
 from trainers.discriminator import Discriminator
-from trainers.rewards import ClipRewards, ClipTextEncoder, SemanticWeights, semantic_scores
+from trainers.rewards import ClipRewards, SemanticWeights, semantic_scores
 from trainers.scst_trainer import (
     AdvantageScales, CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
     self_critical_advantages,

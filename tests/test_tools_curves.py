@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataprep.clip import LoadedClip, encode_texts, read_clip_metadata
+from clip_scstclipcap import CaptioningClip, encode_texts, read_clip_metadata
 from tools import captions_page, curves
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def images(tmp_path, clip_name) -> tuple[str, Path]:
     for image_id in IMAGE_IDS:
         pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images_dir / "test" / f"{image_id}.png")
-    clip = LoadedClip.load(clip_name)
+    clip = CaptioningClip.load(clip_name)
     features = encode_texts(clip.model, clip.tokenizer, [INIT_CAPTIONS[image_id] for image_id in IMAGE_IDS])
     table = datasets.Dataset.from_dict(
         {"image_id": IMAGE_IDS, "file_name": [f"test/{image_id}.png" for image_id in IMAGE_IDS],
@@ -198,14 +198,14 @@ def test_clip_similarity_runs_the_text_tower_on_the_captions_positions_with_the_
     """The captions' CLIP features are computed on the positions up to the longest caption's end token, and give
     the cosines of open_clip's encode_text on the whole context."""
     table, _ = images
-    load, widths = curves.LoadedClip.load, []
+    load, widths = curves.CaptioningClip.load, []
 
     def load_with_hook(*args, **kwargs):
         clip = load(*args, **kwargs)
         clip.model.transformer.register_forward_hook(lambda _, inputs, __: widths.append(inputs[0].shape[1]))
         return clip
 
-    monkeypatch.setattr(curves.LoadedClip, "load", load_with_hook)
+    monkeypatch.setattr(curves.CaptioningClip, "load", load_with_hook)
     similarities = curves.caption_similarities(SCST_CAPTIONS, table)
     clip = load(read_clip_metadata(table)["model_name"])
     tokens = clip.tokenizer([SCST_CAPTIONS[image_id] for image_id in IMAGE_IDS])

@@ -13,8 +13,8 @@ import torch
 from datasets import Dataset, Features
 from PIL import Image
 
+from clip_scstclipcap import CaptioningClip, encode_images, encode_texts, read_clip_metadata
 from conftest import TINY_CLIP, make_tiny_clip
-from dataprep.clip import LoadedClip, encode_images, encode_texts, read_clip_metadata
 from dataprep.common import table_description
 from dataprep.tables import TableWriter, corpus_features, feature_column, feature_matrix, images_features, load_table
 from modeling_scstclipcap import SCSTClipCapForCaptioning
@@ -30,8 +30,8 @@ NUM_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
-def loaded_clip(clip_name) -> LoadedClip:
-    return LoadedClip.load(clip_name)
+def loaded_clip(clip_name) -> CaptioningClip:
+    return CaptioningClip.load(clip_name)
 
 
 def blob_image(seed: int) -> Image.Image:
@@ -361,7 +361,7 @@ def test_fictitious_cli_writes_table_figure_and_page(tmp_path, tables, captioner
 
 
 def test_fictitious_cli_refuses_a_corpus_of_another_clip(tmp_path, tables, captioner_dir, capsys):
-    other = LoadedClip.load(make_tiny_clip(tmp_path / "other_clip", seed=1))
+    other = CaptioningClip.load(make_tiny_clip(tmp_path / "other_clip", seed=1))
     with TableWriter(tmp_path / "corpus", corpus_features(DIM), table_description("corpus", other.metadata)) as w:
         w.write({"text": ["a"], "clip_features": np.ones((1, DIM), np.float32) / 4, "source": ["text"]})
         w.finish()

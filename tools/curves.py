@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import LoadedClip, check_clip_metadata, encode_texts, read_clip_metadata  # noqa: E402
+from clip_scstclipcap import CaptioningClip, check_clip_metadata, encode_texts, read_clip_metadata  # noqa: E402
 
 STAGE_ORDER = ("init", "scst", "supervised")
 TEST_PREDICTIONS = Path("final/test_predictions/predictions-step-0.json")
@@ -356,7 +356,7 @@ def caption_similarities(predictions: dict[str, str], images_table: str, where: 
         raise ValueError(f"{where}: {len(missing)} image ids are not in the images table {images_table} "
                          f"(e.g. {missing[0]!r}); give the table of the split these predictions were made on")
     expected = read_clip_metadata(str(images_table))
-    clip = LoadedClip.load(expected["model_name"], expected.get("pretrained"))
+    clip = CaptioningClip.load(expected["model_name"], expected.get("pretrained"))
     check_clip_metadata(clip.metadata, expected, f"the images table {images_table}")
     ids = list(predictions)
     images = np.array(table.select([position[image_id] for image_id in ids])["clip_features"], dtype=np.float32)

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import LoadedClip, encode_images, model_reads, read_clip_metadata  # noqa: E402
+from clip_scstclipcap import CaptioningClip, encode_images, model_reads, read_clip_metadata  # noqa: E402
 from dataprep.common import table_description  # noqa: E402
 from dataprep.tables import feature_column, feature_matrix, iter_feature_chunks, load_table, save_table  # noqa: E402
 from tools.captions_page import png_data_uri  # noqa: E402
@@ -247,11 +247,11 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def _preprocessed_features(clip: LoadedClip, pictures: list[Image.Image]) -> torch.Tensor:
+def _preprocessed_features(clip: CaptioningClip, pictures: list[Image.Image]) -> torch.Tensor:
     return encode_images(clip.model, clip.preprocess, pictures, device=clip.device)
 
 
-def _synthesize_batch(clip: LoadedClip, targets: torch.Tensor, settings: SynthesisSettings,
+def _synthesize_batch(clip: CaptioningClip, targets: torch.Tensor, settings: SynthesisSettings,
                       generator: torch.Generator) -> list[SynthesisResult]:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(clip.model)
     mean = torch.tensor(preprocess_cfg["mean"], device=clip.device).view(1, 3, 1, 1)
@@ -281,7 +281,7 @@ def _synthesize_batch(clip: LoadedClip, targets: torch.Tensor, settings: Synthes
             in zip(final_pictures, start_cosines, final_cosines, steps, final_features)]
 
 
-def synthesize_images(clip: LoadedClip, targets: torch.Tensor, settings: SynthesisSettings = SynthesisSettings()
+def synthesize_images(clip: CaptioningClip, targets: torch.Tensor, settings: SynthesisSettings = SynthesisSettings()
                       ) -> list[SynthesisResult]:
     """One image per target embedding (N, D) of `clip`, optimised to maximise the cosine of its CLIP embedding."""
     if targets.ndim != 2:
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
     targets = torch.stack([item.features for item in embeddings])
     captions = greedy_captions(model, tokenizer, targets)
 
-    clip = LoadedClip.load(model.config.clip_model_name, model.config.clip_pretrained, args.device)
+    clip = CaptioningClip.load(model.config.clip_model_name, model.config.clip_pretrained, args.device)
     synthesis = SynthesisSettings(steps=args.steps, learning_rate=args.learning_rate,
                                   augmentations=args.augmentations, seed=args.seed)
     started = time.perf_counter()

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.clip import clip_metadata, table_prefix_features  # noqa: E402
+from clip_scstclipcap import clip_metadata, table_prefix_features  # noqa: E402
 from dataprep.tables import load_table  # noqa: E402
 from modeling_scstclipcap import SCSTClipCapForCaptioning  # noqa: E402
 

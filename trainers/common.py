@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from transformers import Trainer, TrainingArguments
 
-from dataprep.clip import table_prefix_features
+from clip_scstclipcap import table_prefix_features
 from metrics import compute_coco_metrics
 
 from . import checkpoints

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from dataprep.clip import ClipTextEncoder, LoadedClip
+from clip_scstclipcap import CaptioningClip
 
 
 @dataclass(frozen=True)
@@ -67,19 +67,19 @@ class ClipRewards:
         weights: weights of the three CLIP scores.
     """
 
-    def __init__(self, clip: LoadedClip, weights: SemanticWeights = SemanticWeights()):
+    def __init__(self, clip: CaptioningClip, weights: SemanticWeights = SemanticWeights()):
         if clip.metadata.get("logit_scale") is None:
             raise ValueError(f"CLIP {clip.metadata['model_name']} has no logit scale to scale the rewards with.")
         self.clip = clip
         self.weights = weights
         self.logit_scale = float(clip.metadata["logit_scale"])
-        self.encode_text = ClipTextEncoder(clip.model, clip.tokenizer)
+        self.encode_text = clip.text_encoder
 
     @classmethod
     def from_model_config(cls, config, weights: SemanticWeights = SemanticWeights(),
                           device: str | torch.device = "cpu") -> "ClipRewards":
         """The CLIP the captioner's config refers to (`clip_model_name`, `clip_pretrained`), loaded frozen."""
-        return cls(LoadedClip.load(config.clip_model_name, config.clip_pretrained, device), weights)
+        return cls(CaptioningClip.load(config.clip_model_name, config.clip_pretrained, device), weights)
 
     @property
     def metadata(self) -> dict:

@@ -43,7 +43,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dataprep.clip import check_clip_metadata, read_clip_metadata
+from clip_scstclipcap import check_clip_metadata, read_clip_metadata
 
 from .common import CaptionConfig, CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
 from .discriminator import Discriminator
@@ -503,7 +503,7 @@ class SCSTTrainer(CaptionTrainer):
         # Under the autocast the loss runs in (accelerate wraps the prepared captioner's forward in it; transformers'
         # compute_loss_context_manager adds none): the prefix that `generate` maps outside the forward is the one the
         # loss maps, so the captions are sampled from the distribution they are scored under; the reward models run
-        # at the step's precision (in float32 the discriminator scored over 3x slower under bf16); and autocast, which
+        # at the step's precision (a float32 discriminator is several times slower under bf16); and autocast, which
         # caches its bf16 copies of the weights while it lasts, casts them once per rollout, not once per token.
         with self.accelerator.autocast():
             samples, sample_texts, greedy_texts = self.roll_out(features)

@@ -1,31 +1,36 @@
-"""The CLIP metadata every table carries, and batched feature extraction.
+"""The one CLIP of SCSTClipCap: loading it, opening and encoding images, encoding sentences, and the record of which
+CLIP made a table. Training, data preparation, the rewards, CLIP-S, the tools, the model's `caption_images` and the
+captioning pipeline all use this file, and a saved model folder carries it beside its model code, so that the Hub
+folder computes what training computed.
 
-CLIPs are loaded by the one loader that ships with the model, `pipeline_scstclipcap.CaptioningClip`; here
-`LoadedClip.load` adds the metadata its tables get, and `load_clip` gives its open_clip parts. Any open_clip model
-works: a built-in architecture with a pretrained tag or checkpoint file (`load_clip("ViT-B-32", "openai")`,
-`load_clip("ViT-B-32", "/ckpt/epoch_32.pt")`), weights from the Hugging Face Hub
-(`load_clip("ViT-B-32", "hf-hub:org/repo")` or `load_clip("hf-hub:org/repo")`), or an open_clip folder
-(`load_clip("local-dir:data/shapes/raw/clip")`).
+    from clip_scstclipcap import CaptioningClip
+    clip = CaptioningClip.load("ViT-B-32", "openai")        # or "local-dir:data/shapes/raw/clip", "hf-hub:org/repo"
+    image_features = clip.encode_images(["a.png", "b.png"])  # (2, D), L2-normalised
+    text_features = clip.encode_text(["a red circle."])     # (1, D)
 
-Metadata stored with every table (JSON in `DatasetInfo.description`, under the key "clip", which
-survives save_to_disk / load_from_disk, select, map, shuffle, add_column and concatenation):
+Any open_clip model works: a built-in architecture with a pretrained tag or checkpoint file (`"openai"`,
+`"/ckpt/epoch_32.pt"`), weights from the Hugging Face Hub (`pretrained="hf-hub:org/repo"` or the model name
+`"hf-hub:org/repo"`), or an open_clip folder (`"local-dir:path"`); a model folder's bundled `clip/` is found by
+[`CaptioningClip.for_captioner`].
+
+Sentences are encoded by [`ClipTextEncoder`]: a causal text tower pooled at the end token (OpenAI's CLIPs, the shapes
+world's) runs on the positions each batch's longest sentence needs instead of the whole context (77 for ViT-B/32),
+which gives open_clip's `encode_text` features (to float rounding) several times faster; other towers run on the whole
+context.
+
+Metadata stored with every table (JSON in `DatasetInfo.description`, under the key "clip", which survives
+save_to_disk / load_from_disk, select, map, shuffle, add_column and concatenation):
 
     {"model_name": "ViT-B-32", "pretrained": "openai", "dim": 512, "normalized": true,
      "weights_sha256": null, "logit_scale": 100.0}
 
-Features are always stored L2-normalised (`normalized: true`): cosine similarities, CLIP-agg, CLIP-S and
-the models trained here all work on the unit sphere. Beside each CLIP feature column `X` the column
-`X_norm` holds the L2 norm of the raw embedding, so `X * X_norm` is open_clip's raw `encode_image` /
-`encode_text` output, which ClipCap's released MLP weights and CgT-GAN read (a model's
-`config.clip_embedding` says which it reads). Tables made before norms were recorded lack `X_norm`: they
-feed only models that read normalised embeddings, and `check_model_features` says so.
-Text features (corpus sentences, captions) come from [`ClipTextEncoder`]: a causal text tower pooled at the end
-token (OpenAI's CLIPs, the shapes world's) runs on the positions each batch's longest sentence needs instead of the
-whole context (77 for ViT-B/32), which gives open_clip's `encode_text` features (to float rounding) several times
-faster; other towers run on the whole context.
-`weights_sha256` identifies weights that live in local files (a `local-dir:` folder or a checkpoint
-file), so a folder that moved still matches and a CLIP retrained in place does not; `logit_scale` is the
-CLIP's own exp(logit_scale).
+Features are always stored L2-normalised (`normalized: true`): cosine similarities, CLIP-agg, CLIP-S and the models
+trained here all work on the unit sphere. Beside each CLIP feature column `X` the column `X_norm` holds the L2 norm of
+the raw embedding, so `X * X_norm` is open_clip's raw `encode_image` / `encode_text` output, which ClipCap's released
+MLP weights and CgT-GAN read (a model's `config.clip_embedding` says which it reads). Tables made before norms were
+recorded lack `X_norm`: they feed only models that read normalised embeddings, and `check_model_features` says so.
+`weights_sha256` identifies weights that live in local files (a `local-dir:` folder or a checkpoint file), so a folder
+that moved still matches and a CLIP retrained in place does not; `logit_scale` is the CLIP's own exp(logit_scale).
 
 A captioner's input from a table, in evaluation or training:
 
@@ -38,30 +43,298 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
+import io
 import json
 import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import open_clip
+import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import TextTransformer, text_global_pool
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from transformers.utils import is_vision_available
 
-from pipeline_scstclipcap import LOCAL_DIR, CaptioningClip, has_schema, open_image
+if is_vision_available():
+    import PIL.Image
 
+CLIP_FOLDER = "clip"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
+# Random, seeded weights of a built-in architecture, for rehearsing a recipe at real model sizes without downloads
+# (`benchmarks/paper_scale.py`). Accepted only while the rehearsal is switched on (`prepare_datasets.py --rehearsal`,
+# `train.py --rehearsal`, which set this environment variable); real runs keep refusing random CLIP weights.
+REHEARSAL_WEIGHTS = "random-rehearsal"
+REHEARSAL_ENV = "SCSTCLIPCAP_REHEARSAL"
+REHEARSAL_SEED = 0
+URL_PREFIXES = ("http://", "https://", "data:image/")
+# Seconds a URL may take to connect and to send each part of the image: offline, a URL fails instead of hanging.
+URL_TIMEOUT = 10.0
+# Longer inputs (data URLs) are cut short where an error names them.
+SHOWN_INPUT_LENGTH = 120
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 NORM_SUFFIX = "_norm"
 _HASH_CHUNK = 1 << 22
+# What `open_image` raises for an input that cannot be captioned, most specific first.
+IMAGE_ERRORS = (FileNotFoundError, ConnectionError, ValueError, TypeError)
 
 
 class ClipMismatchError(ValueError):
     """A table was made with another CLIP than the model or the other tables it is used with."""
+
+
+def _import_open_clip():
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("The CLIP is an open_clip model: `pip install open_clip_torch`.") from error
+    return open_clip
+
+
+def has_schema(model_name: str) -> bool:
+    """True for `local-dir:` / `hf-hub:` names, whose weights come with the model source."""
+    return model_name.startswith((LOCAL_DIR, HF_HUB))
+
+
+def rehearsal_allowed() -> bool:
+    """Whether random rehearsal weights (`pretrained="random-rehearsal"`) may be loaded in this process."""
+    return os.environ.get(REHEARSAL_ENV) == "1"
+
+
+def allow_rehearsal():
+    """Switch the rehearsal on for this process and the processes it starts (`--rehearsal` flags)."""
+    os.environ[REHEARSAL_ENV] = "1"
+
+
+def _checkpoint_file(model_name: str, pretrained: str | None) -> str | None:
+    """What open_clip should load for `pretrained`: a tag or file as is, a `hf-hub:` checkpoint downloaded, nothing
+    for a model name that brings its weights."""
+    if has_schema(model_name) or not pretrained:
+        return None
+    if pretrained.startswith(HF_HUB):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        return download_pretrained_from_hf(pretrained[len(HF_HUB) :])
+    return pretrained
+
+
+def describe_image(image) -> str:
+    """How an error names an image: its path or URL (a long data URL cut short), or the PIL image's file or size."""
+    if isinstance(image, PIL.Image.Image):
+        filename = getattr(image, "filename", "")
+        return f"PIL image of {filename}" if filename else f"{image.mode} PIL image of {image.width}x{image.height}"
+    text = os.fspath(image) if isinstance(image, os.PathLike) else str(image)
+    if len(text) > SHOWN_INPUT_LENGTH:
+        return f"{text[:SHOWN_INPUT_LENGTH]}... ({len(text)} characters)"
+    return text
+
+
+def _unreadable(image, error: Exception) -> ValueError:
+    return ValueError(f"Cannot read the image {describe_image(image)}: {type(error).__name__}: {error}")
+
+
+def _download(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except ValueError as error:  # a malformed URL or data URL
+        raise _unreadable(url, error) from error
+    except (OSError, http.client.HTTPException) as error:
+        # urllib wraps the socket's error (refused, unknown host) in a URLError; an HTTP error status and a timeout
+        # come through as they are.
+        reason = getattr(error, "reason", None)
+        reason = reason if isinstance(reason, Exception) else error
+        waited = f" (no answer within {timeout} s)" if isinstance(reason, TimeoutError) else ""
+        raise ConnectionError(f"Cannot download the image {describe_image(url)}: {type(reason).__name__}: "
+                              f"{reason}{waited}") from error
+
+
+def open_image(image, timeout: float | None = None) -> "PIL.Image.Image":
+    """A decoded PIL image from a PIL image, a file path or an http(s) / data URL (fetched within `timeout` seconds,
+    `URL_TIMEOUT` by default). What cannot be captioned raises one error naming it: FileNotFoundError for a missing
+    file, ConnectionError for a URL that cannot be fetched, ValueError for data that is no image, a truncated image or
+    one over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), TypeError for anything else."""
+    if isinstance(image, PIL.Image.Image):
+        try:
+            image.load()  # a PIL image opened lazily is decoded here, so that a damaged one is named
+        except Exception as error:
+            raise _unreadable(image, error) from error
+        return image
+    if isinstance(image, str) and image.startswith(URL_PREFIXES):
+        source = io.BytesIO(_download(image, URL_TIMEOUT if timeout is None else timeout))
+    elif isinstance(image, (str, os.PathLike)):
+        source = image
+    else:
+        raise TypeError(f"An image must be a PIL image, a file path or a URL, got {type(image).__name__}.")
+    try:
+        # Decoded once and returned without a copy, so that a large image is held in memory once until it is resized.
+        with PIL.Image.open(source) as opened:
+            opened.load()
+        return opened
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No image file at {describe_image(image)}.") from None
+    except Exception as error:  # a corrupt file raises anything from OSError to zlib / struct errors
+        raise _unreadable(image, error) from error
+
+
+def bundled_clip_folder(name_or_path: str | os.PathLike | None, revision: str | None = None,
+                        token: str | bool | None = None) -> Path | None:
+    """The `clip/` open_clip folder inside a model folder or Hub repo, None when it has none."""
+    if not name_or_path:
+        return None
+    if Path(name_or_path).is_dir():
+        folder = Path(name_or_path) / CLIP_FOLDER
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(str(name_or_path), allow_patterns=[f"{CLIP_FOLDER}/*"], revision=revision,
+                                     token=token)
+        folder = Path(snapshot) / CLIP_FOLDER
+    return folder if (folder / OPEN_CLIP_CONFIG).is_file() else None
+
+
+@dataclass
+class CaptioningClip:
+    """A frozen open_clip model with its eval transform and tokenizer: the project's one CLIP, used to caption images,
+    prepare tables, score captions (rewards, CLIP-S) and by the tools.
+
+    `reference` is the open_clip model name it was loaded from (`local-dir:/path`, `ViT-B-32`, `hf-hub:org/repo`),
+    `pretrained` the weights of a built-in architecture (`openai`, a checkpoint file, `hf-hub:ID`).
+    """
+
+    model: torch.nn.Module
+    preprocess: Callable
+    reference: str
+    pretrained: str | None = None
+
+    @classmethod
+    def load(cls, model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+        """Load an open_clip model: `load("ViT-B-32", "openai")`, `load("local-dir:path/to/clip")`, ...
+
+        `pretrained` is ignored for `local-dir:` and `hf-hub:` model names. A built-in architecture without
+        `pretrained` is refused: its random weights would give meaningless features.
+        """
+        if not has_schema(model_name) and not pretrained:
+            raise ValueError(
+                f"CLIP '{model_name}' needs pretrained weights (a tag such as 'openai', a checkpoint file or "
+                "hf-hub:ID), or a 'local-dir:' or 'hf-hub:' model name that brings its own: random weights would give "
+                "meaningless features.")
+        if pretrained == REHEARSAL_WEIGHTS and not has_schema(model_name):
+            if not rehearsal_allowed():
+                raise ValueError(
+                    f"CLIP '{model_name}' with pretrained '{REHEARSAL_WEIGHTS}' has random weights, meant only for "
+                    "rehearsing a recipe at real sizes (benchmarks/paper_scale.py): pass --rehearsal to "
+                    "prepare_datasets.py / train.py to allow it, or use real weights (e.g. 'openai').")
+            open_clip = _import_open_clip()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(REHEARSAL_SEED)  # the same random CLIP in every process and every stage
+                model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None,
+                                                                             device=device)
+            model.eval().requires_grad_(False)
+            return cls(model, preprocess, model_name, pretrained)
+        if model_name.startswith(LOCAL_DIR) and not Path(model_name[len(LOCAL_DIR) :]).is_dir():
+            raise FileNotFoundError(f"The CLIP folder {model_name[len(LOCAL_DIR):]} is not there.")
+        open_clip = _import_open_clip()
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=_checkpoint_file(model_name, pretrained), device=device)
+        model.eval().requires_grad_(False)
+        return cls(model, preprocess, model_name, pretrained)
+
+    @classmethod
+    def for_captioner(cls, config, name_or_path: str | os.PathLike | None = None, *, revision: str | None = None,
+                      token: str | bool | None = None, device: str | torch.device = "cpu"):
+        """The CLIP of the captioner with `config` saved at `name_or_path` (folder or Hub id): the one bundled in
+        its `clip/` subfolder, otherwise `config.clip_model_name` / `config.clip_pretrained`."""
+        bundled = bundled_clip_folder(name_or_path, revision=revision, token=token)
+        if bundled is not None:
+            return cls.load(LOCAL_DIR + str(bundled), device=device)
+        try:
+            return cls.load(config.clip_model_name, config.clip_pretrained, device=device)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{error} The captioner's CLIP may be named by a path relative to where the model was trained: "
+                "bundle it into the model folder with pipeline_scstclipcap.bundle_clip(model_dir, "
+                "'local-dir:/path/to/clip'), or pass clip=...") from None
+
+    @functools.cached_property
+    def tokenizer(self) -> Callable:
+        """open_clip's tokenizer of this CLIP, loaded on first use (captioning images needs none)."""
+        return _import_open_clip().get_tokenizer(self.reference)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def local_folder(self) -> Path | None:
+        """The open_clip folder it was loaded from, for a `local-dir:` CLIP."""
+        return Path(self.reference[len(LOCAL_DIR) :]) if self.reference.startswith(LOCAL_DIR) else None
+
+    def to(self, device: str | torch.device) -> "CaptioningClip":
+        self.model.to(device)
+        return self
+
+    def pixel_values(self, image, timeout: float | None = None) -> torch.Tensor:
+        """One image (PIL, path or URL) as CLIP input, `(1, 3, H, W)`."""
+        return self.preprocess(open_image(image, timeout=timeout)).unsqueeze(0)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """CLIP input `(B, 3, H, W)` -> float32 image embeddings `(B, D)`.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
+                Images after the CLIP's transform.
+            normalize (`bool`, defaults to `True`):
+                L2-normalise, as the tables hold them; `False` gives `encode_image`'s raw output.
+        """
+        return self.model.encode_image(pixel_values.to(self.device), normalize=normalize).float()
+
+    def listed_pixel_values(self, images: Sequence, index: int, timeout: float | None = None) -> torch.Tensor:
+        """[`pixel_values`] of `images[index]`; an image that cannot be read raises `open_image`'s error with its
+        place in the list: `images[2]: No image file at b.png.`"""
+        try:
+            return self.pixel_values(images[index], timeout=timeout)
+        except IMAGE_ERRORS as error:
+            kind = next(kind for kind in IMAGE_ERRORS if isinstance(error, kind))
+            raise kind(f"images[{index}]: {error}") from error
+
+    def encode_images(self, images: Sequence, batch_size: int = 32, normalize: bool = True,
+                      timeout: float | None = None) -> torch.Tensor:
+        """Embeddings `(N, D)` of a list of PIL images, paths or URLs, `batch_size` at a time (see [`encode`] and
+        [`listed_pixel_values`])."""
+        parts = []
+        for start in range(0, len(images), batch_size):
+            indices = range(start, min(start + batch_size, len(images)))
+            pixels = torch.cat([self.listed_pixel_values(images, index, timeout) for index in indices])
+            parts.append(self.encode(pixels, normalize=normalize))
+        return torch.cat(parts) if parts else torch.empty(0, 0)
+
+    @functools.cached_property
+    def text_encoder(self) -> "ClipTextEncoder":
+        """The CLIP's sentence encoder (see [`ClipTextEncoder`])."""
+        return ClipTextEncoder(self.model, self.tokenizer)
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Float32 text embeddings `(N, D)` of `texts` (cut at CLIP's context length) by [`text_encoder`];
+        L2-normalised unless `normalize=False`."""
+        features = self.text_encoder(texts)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    @functools.cached_property
+    def metadata(self) -> dict:
+        """The record of this CLIP that the tables made with it carry (see [`clip_metadata`])."""
+        dim = embedding_dim(self.model, self.tokenizer)
+        return clip_metadata(self.reference, self.pretrained, dim, True, _logit_scale(self.model))
+
+
 
 
 def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
@@ -69,6 +342,7 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
     open_clip parts."""
     clip = CaptioningClip.load(model_name, pretrained, device)
     return clip.model, clip.preprocess, clip.tokenizer
+
 
 
 def _sha256_of_files(paths: Sequence[Path]) -> str:
@@ -277,10 +551,10 @@ def model_prefix_features(features: torch.Tensor, config, norms: torch.Tensor | 
 def table_prefix_features(table, config, column: str = "clip_features", what: str = "table") -> torch.Tensor:
     """All rows of `column` of a loaded table as a captioner with `config` reads them, `(N, D)` float32 on the CPU
     (meant for evaluation tables: the whole column is held in memory). Refused as by [`check_model_features`]."""
-    from .tables import feature_matrix
-
     check_model_features(table, config, what, column)
-    features = torch.from_numpy(feature_matrix(table, column))
+    rows = table.select_columns([column]).with_format("numpy")[column]
+    rows = np.stack(rows) if rows.dtype == object else rows  # variable-length list columns come as arrays of rows
+    features = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(table), -1))
     norms = None
     if norm_column(column) in table.column_names:
         norms = torch.tensor(table[norm_column(column)], dtype=torch.float32)
@@ -297,15 +571,6 @@ def embedding_dim(model: torch.nn.Module, tokenizer: Callable) -> int:
 def _logit_scale(model: torch.nn.Module) -> float | None:
     scale = getattr(model, "logit_scale", None)
     return None if scale is None else float(scale.detach().exp().reshape(-1)[0])
-
-
-class LoadedClip(CaptioningClip):
-    """The frozen CLIP of [`CaptioningClip.load`] with the metadata its tables get (`LoadedClip.load(...)`)."""
-
-    @functools.cached_property
-    def metadata(self) -> dict:
-        dim = embedding_dim(self.model, self.tokenizer)
-        return clip_metadata(self.reference, self.pretrained, dim, True, _logit_scale(self.model))
 
 
 @dataclass(frozen=True)
@@ -333,6 +598,9 @@ class CausalTextTower:
         """The tower of an open_clip model, or None where cutting the tokens would change the features: without a
         causal mask (every position sees the padding), pooled at the first or last position (the last one moves with
         the cut), with CoCa's class token appended after the padding, or a Hugging Face text model."""
+        open_clip = _import_open_clip()
+        from open_clip.transformer import TextTransformer
+
         if isinstance(model, open_clip.CLIP):
             tower, pool_type, eos_token_id = model, model.text_pool_type, model.text_eos_id
         elif isinstance(getattr(model, "text", None), TextTransformer) and model.text.cls_emb is None:
@@ -359,7 +627,7 @@ class CausalTextTower:
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-        x = text_global_pool(tower.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_token_id)
+        x = _import_open_clip().transformer.text_global_pool(tower.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_token_id)
         if tower.text_projection is None:
             return x
         if isinstance(tower.text_projection, torch.nn.Linear):
@@ -547,6 +815,7 @@ def save_local_clip(model: torch.nn.Module, model_cfg: dict, folder: str | os.Pa
     """
     from safetensors.torch import save_file
 
+    open_clip = _import_open_clip()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
