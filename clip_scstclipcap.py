@@ -552,9 +552,9 @@ def table_prefix_features(table, config, column: str = "clip_features", what: st
     """All rows of `column` of a loaded table as a captioner with `config` reads them, `(N, D)` float32 on the CPU
     (meant for evaluation tables: the whole column is held in memory). Refused as by [`check_model_features`]."""
     check_model_features(table, config, what, column)
-    rows = table.select_columns([column]).with_format("numpy")[column]
-    rows = np.stack(rows) if rows.dtype == object else rows  # variable-length list columns come as arrays of rows
-    features = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(table), -1))
+    column_values = table.select_columns([column]).with_format("arrow")[:][column]  # a pyarrow (Chunked)Array
+    flat = column_values.combine_chunks() if hasattr(column_values, "combine_chunks") else column_values
+    features = torch.from_numpy(flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float32))
     norms = None
     if norm_column(column) in table.column_names:
         norms = torch.tensor(table[norm_column(column)], dtype=torch.float32)
@@ -627,7 +627,8 @@ class CausalTextTower:
         cast_dtype = tower.transformer.get_cast_dtype()
         x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-        x = _import_open_clip().transformer.text_global_pool(tower.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_token_id)
+        text_global_pool = _import_open_clip().transformer.text_global_pool
+        x = text_global_pool(tower.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_token_id)
         if tower.text_projection is None:
             return x
         if isinstance(tower.text_projection, torch.nn.Linear):
