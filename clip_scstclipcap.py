@@ -548,13 +548,20 @@ def model_prefix_features(features: torch.Tensor, config, norms: torch.Tensor | 
     return features * norms.to(features.dtype).unsqueeze(-1)
 
 
+def feature_matrix(dataset, column: str = "clip_features", start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of a fixed-length feature column of a `datasets.Dataset` as a float32 [n, D] array (a
+    writable copy), read through Arrow."""
+    stop = len(dataset) if stop is None else stop
+    part = dataset.select_columns([column]).with_format("arrow")[start:stop][column]
+    flat = part.combine_chunks() if hasattr(part, "combine_chunks") else part  # a ChunkedArray or an Array
+    return flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float32)
+
+
 def table_prefix_features(table, config, column: str = "clip_features", what: str = "table") -> torch.Tensor:
     """All rows of `column` of a loaded table as a captioner with `config` reads them, `(N, D)` float32 on the CPU
     (meant for evaluation tables: the whole column is held in memory). Refused as by [`check_model_features`]."""
     check_model_features(table, config, what, column)
-    column_values = table.select_columns([column]).with_format("arrow")[:][column]  # a pyarrow (Chunked)Array
-    flat = column_values.combine_chunks() if hasattr(column_values, "combine_chunks") else column_values
-    features = torch.from_numpy(flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float32))
+    features = torch.from_numpy(feature_matrix(table, column))
     norms = None
     if norm_column(column) in table.column_names:
         norms = torch.tensor(table[norm_column(column)], dtype=torch.float32)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from clip_scstclipcap import check_clip_metadata, norm_column, read_table_description
+from clip_scstclipcap import check_clip_metadata, feature_matrix, norm_column, read_table_description
 
 NORMS = {norm_column("clip_features"): Value("float32")}
 
@@ -159,14 +159,6 @@ def load_table(path: str | os.PathLike, expected_clip: dict | None = None, what:
     if expected_clip is not None:
         check_clip_metadata(description["clip"], expected_clip, f"{what} {path}")
     return datasets.load_from_disk(str(path))
-
-
-def feature_matrix(dataset: Dataset, column: str = "clip_features", start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of a fixed-length feature column as a float32 [n, D] array (a writable copy)."""
-    stop = len(dataset) if stop is None else stop
-    part = dataset.select_columns([column]).with_format("arrow")[start:stop][column]
-    flat = part.combine_chunks() if isinstance(part, pa.ChunkedArray) else part
-    return flat.flatten().to_numpy(zero_copy_only=False).reshape(len(flat), -1).astype(np.float32)
 
 
 def iter_feature_chunks(dataset: Dataset, column: str, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
