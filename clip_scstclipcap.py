@@ -5,8 +5,19 @@ folder computes what training computed.
 
     from clip_scstclipcap import CaptioningClip
     clip = CaptioningClip.load("ViT-B-32", "openai")        # or "local-dir:data/shapes/raw/clip", "hf-hub:org/repo"
-    image_features = clip.encode_images(["a.png", "b.png"])  # (2, D), L2-normalised
+    image_features = clip.encode_images(["a.png", "b.png"])  # (2, D), L2-normalised; a bad image raises
     text_features = clip.encode_text(["a red circle."])     # (1, D)
+
+Data preparation streams the same features batch by batch ([`FeatureBatch`]: positions, features, the raw
+embeddings' norms, and the images that could not be read, reported instead of raised):
+
+    for batch in clip.iter_image_features(paths, batch_size=64, num_workers=4, progress="coco/train"):
+        ...  # batch.indices, batch.features, batch.norms, batch.failures
+    for batch in clip.iter_text_features(sentences, batch_size=256):
+        ...
+
+Every image feature goes through [`CaptioningClip.encode`] and every sentence feature through
+[`CaptioningClip.text_encoder`], so tables, rewards, CLIP-S and captioning cannot disagree.
 
 Any open_clip model works: a built-in architecture with a pretrained tag or checkpoint file (`"openai"`,
 `"/ckpt/epoch_32.pt"`), weights from the Hugging Face Hub (`pretrained="hf-hub:org/repo"` or the model name
@@ -322,27 +333,69 @@ class CaptioningClip:
         """The CLIP's sentence encoder (see [`ClipTextEncoder`])."""
         return ClipTextEncoder(self.model, self.tokenizer)
 
-    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
-        """Float32 text embeddings `(N, D)` of `texts` (cut at CLIP's context length) by [`text_encoder`];
-        L2-normalised unless `normalize=False`."""
-        features = self.text_encoder(texts)
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Float32 text embeddings `(N, D)` of `texts` (cut at CLIP's context length) by [`text_encoder`],
+        `batch_size` at a time as [`iter_text_features`] batches them; L2-normalised unless `normalize=False`."""
+        texts = list(texts)
+        parts = [self.text_encoder(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
+        features = torch.cat(parts) if parts else torch.empty(0, 0)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def iter_image_features(self, images: Sequence, *, batch_size: int = 64, num_workers: int = 0,
+                            normalize: bool = True, progress: str | None = None) -> Iterator["FeatureBatch"]:
+        """Stream image features batch by batch, as data preparation makes its tables: each batch through [`encode`],
+        decoding in DataLoader workers, an unreadable image reported instead of raised.
+
+        Args:
+            images (`Sequence` of `str`, `os.PathLike` or `PIL.Image.Image`):
+                The images; URLs are fetched as [`open_image`] fetches them.
+            batch_size (`int`, defaults to 64):
+                Images per batch.
+            num_workers (`int`, defaults to 0):
+                DataLoader workers that decode and preprocess; 0 does it in this process.
+            normalize (`bool`, defaults to `True`):
+                L2-normalise the features; `FeatureBatch.norms` are the raw embeddings' norms either way.
+            progress (`str`, *optional*):
+                The description of a progress bar; none without it.
+
+        Returns:
+            An iterator of [`FeatureBatch`], with the images that cannot be read in `failures` as (position,
+            `"missing_image_file"` or `"corrupt_image"`, detail).
+        """
+        loader = _loader(_ImageInputs(images, self.preprocess), _collate_images, batch_size, num_workers, self.device)
+        encode = functools.partial(self.encode, normalize=False)  # the norms need the raw embeddings
+        yield from _iter_features(loader, encode, self.device, len(images), normalize, progress, "img")
+
+    def iter_text_features(self, texts: Sequence[str], *, batch_size: int = 256, num_workers: int = 0,
+                           normalize: bool = True, progress: str | None = None) -> Iterator["FeatureBatch"]:
+        """Stream sentence features batch by batch, as data preparation makes its corpus tables: tokenized in
+        DataLoader workers, each batch through [`text_encoder`] (on the positions its longest sentence needs where
+        the tower allows it).
+
+        Args:
+            texts (`Sequence[str]`):
+                The sentences (cut at CLIP's context length).
+            batch_size (`int`, defaults to 256):
+                Sentences per batch.
+            num_workers (`int`, defaults to 0):
+                DataLoader workers that tokenize; 0 does it in this process.
+            normalize (`bool`, defaults to `True`):
+                L2-normalise the features; `FeatureBatch.norms` are the raw embeddings' norms either way.
+            progress (`str`, *optional*):
+                The description of a progress bar; none without it.
+
+        Returns:
+            An iterator of [`FeatureBatch`] (with no failures).
+        """
+        loader = _loader(_TextInputs(texts), _TokenizeBatch(self.tokenizer), batch_size, num_workers, self.device)
+        encode = self.text_encoder.encode_tokens
+        yield from _iter_features(loader, encode, self.device, len(texts), normalize, progress, "sent")
 
     @functools.cached_property
     def metadata(self) -> dict:
         """The record of this CLIP that the tables made with it carry (see [`clip_metadata`])."""
         dim = embedding_dim(self.model, self.tokenizer)
         return clip_metadata(self.reference, self.pretrained, dim, True, _logit_scale(self.model))
-
-
-
-
-def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-    """(model, preprocess, tokenizer) of the frozen CLIP [`CaptioningClip.load`] loads, for code that works on the
-    open_clip parts."""
-    clip = CaptioningClip.load(model_name, pretrained, device)
-    return clip.model, clip.preprocess, clip.tokenizer
-
 
 
 def _sha256_of_files(paths: Sequence[Path]) -> str:
@@ -748,75 +801,22 @@ def _loader(inputs: Dataset, collate: Callable, batch_size: int, num_workers: in
 
 def _iter_features(loader: DataLoader, encode: Callable, device: torch.device, total: int, normalize: bool,
                    progress: str | None, unit: str) -> Iterator[FeatureBatch]:
-    """`encode` gives raw embeddings; their norms are kept so that tables can give them back."""
+    """[`FeatureBatch`]es of the loader's batches; `encode` gives raw float32 embeddings, whose norms are kept so
+    that tables can give them back."""
     with tqdm(total=total, desc=progress, unit=unit, disable=progress is None, dynamic_ncols=True) as bar:
         for indices, inputs, failures in loader:
             features, norms = torch.empty(0, 0), torch.empty(0)
             if indices:
                 with torch.inference_mode():
-                    raw = encode(inputs.to(device, non_blocking=True)).float()
+                    raw = encode(inputs.to(device, non_blocking=True))
                     norms = raw.norm(dim=-1).cpu()
                     features = (F.normalize(raw, dim=-1) if normalize else raw).cpu()
             bar.update(len(indices) + len(failures))
             yield FeatureBatch(indices, features, norms, failures)
 
 
-def iter_image_features(model: torch.nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
-                        num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True,
-                        progress: str | None = None) -> Iterator[FeatureBatch]:
-    """Stream CLIP image features batch by batch; `images` are paths or PIL images.
-
-    Decoding runs in `num_workers` DataLoader workers; unreadable images are reported in
-    `FeatureBatch.failures` as (position, "missing_image_file" | "corrupt_image", detail). Features are
-    L2-normalised unless `normalize=False`; `FeatureBatch.norms` are the raw embeddings' norms either way.
-    """
-    device = torch.device(device)
-    loader = _loader(_ImageInputs(images, preprocess), _collate_images, batch_size, num_workers, device)
-    yield from _iter_features(loader, model.encode_image, device, len(images), normalize, progress, "img")
-
-
-def iter_text_features(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
-                       num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True,
-                       progress: str | None = None) -> Iterator[FeatureBatch]:
-    """Stream CLIP text features batch by batch (tokenization runs in the DataLoader workers).
-
-    The text tower runs as [`ClipTextEncoder`] runs it: on the positions each batch's longest sentence needs where
-    that gives open_clip's `encode_text` features, on the whole context otherwise."""
-    device = torch.device(device)
-    loader = _loader(_TextInputs(texts), _TokenizeBatch(tokenizer), batch_size, num_workers, device)
-    encode = ClipTextEncoder(model).encode_tokens
-    yield from _iter_features(loader, encode, device, len(texts), normalize, progress, "sent")
-
-
-def _gather(batches: Iterator[FeatureBatch]) -> torch.Tensor:
-    parts = []
-    for batch in batches:
-        if batch.failures:
-            position, reason, detail = batch.failures[0]
-            raise ValueError(f"image {position} could not be read ({reason}): {detail}")
-        parts.append(batch.features)
-    # A clone outside inference mode gives ordinary tensors that autograd code may use freely.
-    return torch.cat(parts).clone() if parts else torch.empty(0, 0)
-
-
-def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence, *, batch_size: int = 64,
-                  num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True) -> torch.Tensor:
-    """CLIP image features [N, D] (float32, CPU) of paths or PIL images; an unreadable image raises ValueError."""
-    batches = iter_image_features(model, preprocess, images, batch_size=batch_size, num_workers=num_workers,
-                                  device=device, normalize=normalize)
-    return _gather(batches)
-
-
-def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], *, batch_size: int = 256,
-                 num_workers: int = 0, device: str | torch.device = "cpu", normalize: bool = True) -> torch.Tensor:
-    """CLIP text features [N, D] (float32, CPU) of `texts`."""
-    batches = iter_text_features(model, tokenizer, texts, batch_size=batch_size, num_workers=num_workers,
-                                 device=device, normalize=normalize)
-    return _gather(batches)
-
-
 def save_local_clip(model: torch.nn.Module, model_cfg: dict, folder: str | os.PathLike) -> str:
-    """Save an open_clip model as a folder that `load_clip("local-dir:<folder>")` reads back.
+    """Save an open_clip model as a folder that `CaptioningClip.load("local-dir:<folder>")` reads back.
 
     Returns the `local-dir:` model name. The folder holds open_clip's own `open_clip_config.json`
     (model and preprocess config) and `open_clip_model.safetensors`.

@@ -276,32 +276,25 @@ class SCSTClipCapForCaptioning(SCSTClipCapPreTrainedModel, GenerationMixin):
             if inputs_embeds is not None:
                 raise ValueError("Pass either prefix_features or inputs_embeds, not both.")
             prefix_embeds = self.map_prefix(prefix_features)
-            inputs_embeds, attention_mask, labels = self._prepend_prefix(prefix_embeds, input_ids, attention_mask, labels)
+            inputs_embeds, attention_mask, labels = self._prepend_prefix(prefix_embeds, input_ids, attention_mask,
+                                                                         labels)
             input_ids = None
         elif attention_mask is None and input_ids is not None:
-            # `generate` drops an all-ones mask; GPT-2 would then take the pad tokens fed after a caption has ended
-            # for padding and warn. The mask spells out that every cached and new position is attended.
-            seen = cache.get_seq_length() if cache is not None else 0
-            attention_mask = input_ids.new_ones(input_ids.shape[0], seen + input_ids.shape[1])
+            attention_mask = self._all_seen_mask(input_ids, cache)
         outputs = self.decoder(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            labels=labels,
-            cache=cache,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, cache=cache,
+            position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
-        return SCSTClipCapOutput(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            prefix_embeds=prefix_embeds,
-        )
+        return SCSTClipCapOutput(loss=outputs.loss, logits=outputs.logits, cache=outputs.cache,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                 prefix_embeds=prefix_embeds)
+
+    @staticmethod
+    def _all_seen_mask(input_ids: torch.LongTensor, cache) -> torch.LongTensor:
+        """A mask over every cached and new position. `generate` drops an all-ones mask; GPT-2 would then take the
+        pad tokens fed after a caption has ended for padding and warn."""
+        seen = cache.get_seq_length() if cache is not None else 0
+        return input_ids.new_ones(input_ids.shape[0], seen + input_ids.shape[1])
 
     def _prepend_prefix(self, prefix_embeds, input_ids, attention_mask, labels):
         batch_size, prefix_length, _ = prefix_embeds.shape

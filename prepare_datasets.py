@@ -88,12 +88,8 @@ def _clip_flags() -> argparse.ArgumentParser:
     return flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run, clip = _run_flags(), _clip_flags()
-
-    coco = commands.add_parser("coco", parents=[run, clip], help="COCO Karpathy split (OSCAR coco_caption)")
+def _add_coco(commands, parents: list[argparse.ArgumentParser]) -> None:
+    coco = commands.add_parser("coco", parents=parents, help="COCO Karpathy split (OSCAR coco_caption)")
     coco.add_argument("--images", required=True, help="folder with the images below it (train2014/ and val2014/ "
                       "for COCO); the caption files' file names are relative to it")
     coco.add_argument("--annotations", required=True,
@@ -106,14 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--train-references", action="store_true",
                       help="keep the train captions in the train table (supervised upper bound only)")
 
-    flickr = commands.add_parser("flickr30k", parents=[run, clip], help="Flickr30k (Karpathy's dataset_flickr30k.json)")
+
+def _add_flickr30k(commands, parents: list[argparse.ArgumentParser]) -> None:
+    flickr = commands.add_parser("flickr30k", parents=parents, help="Flickr30k (Karpathy's dataset_flickr30k.json)")
     flickr.add_argument("--images", required=True, help="folder with the Flickr30k images")
     flickr.add_argument("--annotations", required=True, help="Karpathy's dataset_flickr30k.json")
     flickr.add_argument("--output", default="data", help="tables root (writes <output>/<name>/...)")
     flickr.add_argument("--name", default="flickr30k", help="table group name")
     flickr.add_argument("--train-references", action="store_true", help="keep the train captions in the train table")
 
-    corpus = commands.add_parser("corpus", parents=[run, clip], help="a sentence corpus with CLIP text features")
+
+def _add_corpus(commands, parents: list[argparse.ArgumentParser]) -> None:
+    corpus = commands.add_parser("corpus", parents=parents, help="a sentence corpus with CLIP text features")
     corpus.add_argument("--source", required=True, choices=SOURCES)
     corpus.add_argument("--input", required=True, help="the sentence file (see dataprep/sources.py for formats)")
     corpus.add_argument("--output", default="data", help="tables root (writes <output>/corpus/<name>)")
@@ -126,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0, help="seed of --pretrain-split")
     corpus.add_argument("--gcc-column", type=int, default=0, help="caption column of the GCC TSV")
 
+
+def _add_neighbours(commands, parents: list[argparse.ArgumentParser]) -> None:
+    """`aggregate` and `pseudo-pairs`: an images table against a corpus table."""
     for name, help_text in (("aggregate", "CLIP-agg target of every image over a corpus"),
                             ("pseudo-pairs", "nearest corpus sentence of every image")):
-        command = commands.add_parser(name, parents=[run, clip], help=help_text)
+        command = commands.add_parser(name, parents=parents, help=help_text)
         command.add_argument("--images", required=True, help="images table folder")
         command.add_argument("--corpus", required=True, help="corpus table folder")
         command.add_argument("--output", default=None, help="output table folder (default: beside --images)")
@@ -136,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--temperature", type=float, default=None,
                                  help="t of softmax(t * cos) (default: 100 coco, 175 gcc, else the CLIP's logit scale)")
 
-    shapes = commands.add_parser("shapes", parents=[run], help="build and prepare the offline shapes world",
+
+def _add_shapes(commands, parents: list[argparse.ArgumentParser]) -> None:
+    shapes = commands.add_parser("shapes", parents=parents, help="build and prepare the offline shapes world",
                                  description="Build the shapes world (or reuse it: same seed and sizes) and "
                                              "prepare its tables; --overwrite rebuilds the world too.")
     shapes.add_argument("--output", default="data/shapes", help="writes <output>/raw and <output>/tables")
@@ -152,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--temperature", type=float, default=None, help="CLIP-agg t (default: the tiny CLIP's logit scale)")
     shapes.add_argument("--size", action="append", default=[], metavar="NAME=N",
                         help="a size passed to build_world, e.g. --size n_train=200 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run, clip = _run_flags(), _clip_flags()
+    _add_coco(commands, [run, clip])
+    _add_flickr30k(commands, [run, clip])
+    _add_corpus(commands, [run, clip])
+    _add_neighbours(commands, [run, clip])
+    _add_shapes(commands, [run])
     return parser
 
 

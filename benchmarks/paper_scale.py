@@ -19,14 +19,21 @@ What it builds, in `--workdir` (a temporary folder by default), with no download
 Then every stage of the recipe through `train.py --config configs/coco_shutterstock.yaml` (its batch sizes,
 learning rates, bf16 for scst...), each in its own process for `--init-steps` / `--scst-steps` / `--supervised-steps`
 steps, and `eval` on the test split. Per stage: the median step time (first step left out), peak memory (the
-process's peak resident set; on a GPU also torch's peak allocated memory). The scst step is broken down (sampling with
-the greedy row, CLIP text tower, discriminator scoring, teacher-forced forward + backward, discriminator update,
-captioner optimizer step, the rest) by timing the trainer's own methods in the run; then each part is run again on its
-own (plain library calls on the step's captured inputs) and the step is compared to the sum of those standalone
-times (target: within 1.3x, no hidden waste), and to a teacher-forced cross-entropy step on the same sequences
-(`scst_step / ce_step`, per sequence). Two savings are measured beside it: CLIP's text tower run on the positions the
-captions use rather than on its whole context (77 positions; same features, checked), and the rollout (sampling,
-CLIP's text tower, the discriminator's scoring) run inside the step's autocast rather than outside it.
+process's peak resident set; on a GPU also torch's peak allocated memory).
+
+The scst step is broken down by timing the trainer's own methods inside the run: the rollout (`roll_out`: sampling
+with the greedy row, decoding), CLIP's text tower (`rewards`) and the discriminator's scoring (`Discriminator.scores`),
+the two halves of `caption_rewards`; `advantages`; the loss's forward + backward (`compute_loss` and its backward, in
+`Trainer.training_step`); the discriminator's update (`train_discriminator`, then `finish_step`'s
+`Discriminator.clip_gradients` and `Discriminator.step`); the captioner's clipping (`Trainer._clip_grad_norm`) and
+optimizer step (`trainer.optimizer.step()`); the rest. Then the same methods are called again one at a time, outside
+the Trainer's loop, on the step's captured inputs (the median of 3 after a warm-up), so the step over the sum of these
+standalone parts is what the Trainer's loop adds of its own (target: within 1.3x, no hidden waste). The step is also
+compared to a teacher-forced cross-entropy step on the same sequences (the model's own loss on labels, backward, the
+trainer's clipping and optimizer step; `scst_step / ce_step`, per sequence). Two savings are measured beside it:
+CLIP's text tower run on the positions the captions use (the rewards' own encoder) rather than on its whole context
+(open_clip's `encode_text` on 77 positions; same features, checked), and `roll_out` and `caption_rewards` run inside
+the step's autocast, as `generate_and_score` runs them, rather than outside it.
 
 Everything lands in `<workdir>/paper_scale.json` and a table on stdout. Weights are random: the timings are real,
 the captions and metrics are not. Step times on a shared CPU vary; run it on an idle machine for figures you quote.
@@ -202,7 +209,9 @@ def prepare_tables(world: dict, data: Path, env: dict, log: Path, device: str) -
 
 
 def stage_command(stage: str, args, data: Path, runs: Path, models: dict, result: Path) -> list[str]:
-    tables = ["--val_table", str(data / "coco" / "val"), "--test_table", str(data / "coco" / "test")]
+    # Each stage refuses the flags it does not read: the test split is eval's, the validation split the trainings'.
+    split = ("--test_table", "test") if stage == "eval" else ("--val_table", "val")
+    tables = [split[0], str(data / "coco" / split[1])]
     if stage in ("init", "scst"):
         tables += ["--corpus_table", str(data / "corpus" / "shutterstock")]
     if stage == "init":
@@ -282,11 +291,45 @@ def median_ms(values: list[float]) -> float | None:
     return round(1000 * statistics.median(values), 1) if values else None
 
 
+def wrap_step_parts(timings: Timings):
+    """Time the scst step's parts in the run: non-overlapping calls made by SCSTTrainer.training_step / finish_step
+    and the Trainer's loop (its optimizer step is timed by StepTimer); standalone_scst_parts calls the same methods
+    one at a time."""
+    from transformers import Trainer
+
+    from trainers import ClipRewards, Discriminator, SCSTTrainer
+
+    timings.wrap(SCSTTrainer, "roll_out", "rollout")
+    timings.wrap(ClipRewards, "__call__", "clip_text_tower")  # with the next one: caption_rewards
+    timings.wrap(Discriminator, "scores", "discriminator_scoring")
+    timings.wrap(SCSTTrainer, "advantages", "advantages")
+    timings.wrap(Trainer, "training_step", "loss_fwd_bwd")  # the captioner's compute_loss + backward (super call)
+    timings.wrap(SCSTTrainer, "train_discriminator", "discriminator_update")
+    timings.wrap(Discriminator, "clip_gradients", "discriminator_update")
+    timings.wrap(Discriminator, "step", "discriminator_update")
+    timings.wrap(Trainer, "_clip_grad_norm", "captioner_clip")
+
+
+def in_step_breakdown(timings: Timings, step_ms: float) -> dict:
+    """Median ms per step of each part (first step left out), and the rest of the step. A part called several times
+    a step (discriminator_update: backward, clip, step) counts the sum of its calls."""
+    steps = len(timings.parts["step"])
+    per_step = {}
+    for name, values in timings.parts.items():
+        if name == "step":
+            continue
+        calls = len(values) // steps
+        sums = [sum(values[i * calls:(i + 1) * calls]) for i in range(steps)]
+        per_step[name] = median_ms(sums[1:] or sums)
+    per_step["rest"] = round(step_ms - sum(per_step.values()), 1)
+    return per_step
+
+
 def worker(stage: str, result_path: Path, device: str, train_argv: list[str]):
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     import train
-    from trainers import ClipRewards, Discriminator, SCSTTrainer
+    from trainers import SCSTTrainer
     from trainers.common import CaptionTrainer
 
     timings = Timings(device)
@@ -317,14 +360,7 @@ def worker(stage: str, result_path: Path, device: str, train_argv: list[str]):
         trainers.append(self)
 
     CaptionTrainer.__init__ = init_with_timer
-    # The scst step's parts: non-overlapping calls made by SCSTTrainer.training_step / finish_step.
-    timings.wrap(SCSTTrainer, "roll_out", "sampling")
-    timings.wrap(ClipRewards, "__call__", "clip_text_tower")
-    timings.wrap(Discriminator, "scores", "discriminator_scoring")
-    timings.wrap(Trainer, "training_step", "teacher_forced_fwd_bwd")  # the captioner's loss + backward (super call)
-    timings.wrap(SCSTTrainer, "train_discriminator", "discriminator_update")
-    timings.wrap(Discriminator, "clip_gradients", "discriminator_update")
-    timings.wrap(Discriminator, "step", "discriminator_update")
+    wrap_step_parts(timings)
     captured = {}
     original_generate_and_score = SCSTTrainer.generate_and_score
 
@@ -345,16 +381,7 @@ def worker(stage: str, result_path: Path, device: str, train_argv: list[str]):
         result.update(steps=len(steps), step_ms_median=median_ms(counted), step_ms_all=[round(1000 * s) for s in steps])
         parts = {name: values[1:] or values for name, values in timings.parts.items() if name != "step"}
         if stage == "scst":
-            # parts per step: discriminator_update has three calls per step (backward, clip, step); sum them per step
-            per_step = {}
-            for name, values in timings.parts.items():
-                if name == "step":
-                    continue
-                calls = len(values) // len(steps)
-                sums = [sum(values[i * calls:(i + 1) * calls]) for i in range(len(steps))]
-                per_step[name] = median_ms(sums[1:] or sums)
-            per_step["rest"] = round(result["step_ms_median"] - sum(per_step.values()), 1)
-            result["in_step_ms"] = per_step
+            result["in_step_ms"] = in_step_breakdown(timings, result["step_ms_median"])
         else:
             result["in_step_ms"] = {name: median_ms(values) for name, values in parts.items()}
         if stage in ("init", "supervised") and trainers:
@@ -370,136 +397,181 @@ def worker(stage: str, result_path: Path, device: str, train_argv: list[str]):
     Path(result_path).write_text(json.dumps(result, indent=1))
 
 
-def standalone_scst_parts(trainer, captured: dict, device: str, repeats: int = 3) -> dict:
-    """Each part of the scst step alone, on the step's captured inputs, by plain library calls; the median of
-    `repeats` runs after one warm-up."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import LogitsProcessorList
+# ----------------------------------------------------------------------------- the scst step's parts, one at a time
 
-    from trainers.scst_trainer import GreedyRows, caption_mask
-
+def timed_rounds(functions: dict, device: str, repeats: int, prepare=None) -> dict:
+    """Median ms of each function over `repeats` rounds after a warm-up round; a round runs `prepare` (untimed), then
+    the functions in order, so that parts which feed each other (gradients, then their clipping) stay in order."""
     timings = Timings(device)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    args, config = trainer.args, trainer.captioner_config
-    features, batch = captured["inputs"]["prefix_features"], captured["batch"]
-    texts = batch.sample_texts + (batch.greedy_texts or [])
-    rows = args.num_samples + int(args.baseline == "greedy")
-    clip, discriminator = trainer.rewards.clip, trainer.discriminator
-    encode_text = trainer.rewards.encode_text  # the trainer's own: the tower on the positions the captions use
-    autocast = trainer.accelerator.autocast
-    captioner_parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(captioner_parameters, lr=1e-12)
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=1e-12)
-
-    # Sampling and scoring run as the trainer runs them: under the autocast of the loss (bf16 in the recipe).
-    def sampling(mixed_precision: bool = True):
-        # Without the outer autocast the prepared forward still autocasts, one token's forward at a time.
-        with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
-            out = model.generate(features, do_sample=True, num_return_sequences=rows, max_new_tokens=args.max_new_tokens,
-                                 temperature=1.0, top_k=0, top_p=1.0, eos_token_id=config.eos_token_id,
-                                 pad_token_id=config.pad_token_id, logits_processor=LogitsProcessorList([GreedyRows(rows)]))
-        trainer.processing_class.batch_decode(out, skip_special_tokens=True)
-
-    def clip_text(sentences: list[str] | None = None, mixed_precision: bool = True, whole_context: bool = False):
-        with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
-            if whole_context:  # open_clip's encode_text on CLIP's whole context (77 positions)
-                return clip.model.encode_text(clip.tokenizer(sentences or texts).to(features.device)).float()
-            return encode_text(sentences or texts)
-
-    def disc_scoring(mixed_precision: bool = True):
-        with torch.no_grad(), autocast() if mixed_precision else contextlib.nullcontext():
-            discriminator.model.eval()
-            discriminator.model(**discriminator.encode(texts)).logits
-
-    def disc_update():
-        with autocast():
-            discriminator.model.train()
-            logits = discriminator.model(**discriminator.encode(batch.real["text"] + batch.sample_texts)).logits[:, 0]
-        labels = torch.cat((torch.ones(len(batch.real["text"])), torch.zeros(len(batch.sample_texts))))
-        F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.device)).backward()
-        torch.nn.utils.clip_grad_norm_(discriminator.parameters(), 1.0)
-        disc_optimizer.step()
-        disc_optimizer.zero_grad(set_to_none=True)
-
-    def teacher_forced(labels: bool):
-        mask = caption_mask(batch.samples, config.eos_token_id)
-        with autocast():
-            out = model(prefix_features=batch.prefix_features, input_ids=batch.samples, attention_mask=mask,
-                        labels=batch.samples if labels else None, use_cache=False)
-            loss = out.loss if labels else out.logits[:, :-1].float().log_softmax(-1).gather(
-                -1, batch.samples[..., None]).mean()
-        loss.backward()
-
-    def captioner_step():
-        torch.nn.utils.clip_grad_norm_(captioner_parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    model.train()
-    plan = {"sampling": sampling, "clip_text_tower": clip_text, "discriminator_scoring": disc_scoring,
-            "teacher_forced_fwd_bwd": lambda: teacher_forced(False), "discriminator_update": disc_update}
-    for name, function in plan.items():
-        function()
-        for _ in range(repeats):
+    for _ in range(repeats + 1):
+        if prepare is not None:
+            prepare()
+        for name, function in functions.items():
             with timings.part(name):
                 function()
-    # the captioner's optimizer step needs gradients: a backward first (untimed)
-    for _ in range(repeats + 1):
-        teacher_forced(False)
-        with timings.part("captioner_optimizer"):
-            captioner_step()
-    timings.parts["captioner_optimizer"] = timings.parts["captioner_optimizer"][1:]
-    measured = {name: median_ms(values) for name, values in timings.parts.items()}
-    # A teacher-forced cross-entropy step on the same B*K sequences: forward, backward, optimizer step.
-    ce = []
-    for index in range(repeats + 1):
-        timings.sync()
-        started = time.perf_counter()
-        teacher_forced(True)
-        captioner_step()
-        timings.sync()
-        if index:
-            ce.append(time.perf_counter() - started)
-    # Saving: CLIP's text tower on the positions the captions use instead of its whole context (causal mask, pooling
-    # at the end token: the positions after it do not change the feature), both in float32 to compare the features.
+    return {name: median_ms(values[1:]) for name, values in timings.parts.items()}
+
+
+class ScstParts:
+    """The trainer's own methods for each part of an scst step, on the step's captured inputs: what
+    `SCSTTrainer.training_step` and the Trainer's loop call, here one at a time outside that loop."""
+
+    def __init__(self, trainer, captured: dict):
+        import torch
+
+        self.trainer, self.batch, inputs = trainer, captured["batch"], captured["inputs"]
+        self.model = trainer.model_wrapped  # the model the Trainer's loop hands to training_step
+        self.features, self.agg_features = inputs["prefix_features"], inputs.get("agg_features")
+        greedy = self.batch.greedy_texts or []
+        self.texts = self.batch.sample_texts + greedy
+        # Each caption's image, listed as generate_and_score lists them: the samples image by image, then the greedy.
+        images = torch.arange(len(self.features), device=self.features.device)
+        self.images = torch.cat((images.repeat_interleave(trainer.args.num_samples), images[:len(greedy)]))
+        self.rewards = self.caption_rewards()
+
+    def autocast(self, mixed_precision: bool = True):
+        # generate_and_score runs the rollout, the rewards and the advantages under the step's autocast
+        return self.trainer.accelerator.autocast() if mixed_precision else contextlib.nullcontext()
+
+    def roll_out(self, mixed_precision: bool = True):
+        import torch
+
+        with torch.no_grad(), self.autocast(mixed_precision):
+            return self.trainer.roll_out(self.features)
+
+    def caption_rewards(self, mixed_precision: bool = True):
+        import torch
+
+        with torch.no_grad(), self.autocast(mixed_precision):
+            return self.trainer.caption_rewards(self.texts, self.features, self.agg_features, self.images)
+
+    def clip_text_tower(self):  # caption_rewards' first half: ClipRewards, CLIP's text tower and the scores
+        import torch
+
+        agg_features = None if self.agg_features is None else self.agg_features[self.images]
+        with torch.no_grad(), self.autocast():
+            return self.trainer.rewards(self.texts, self.features[self.images], agg_features)
+
+    def discriminator_scoring(self):  # caption_rewards' second half
+        with self.autocast():
+            return self.trainer.discriminator.scores(self.texts)
+
+    def advantages(self):
+        import torch
+
+        with torch.no_grad(), self.autocast():
+            return self.trainer.advantages(self.rewards, len(self.features), bool(self.batch.greedy_texts))
+
+    def loss_fwd_bwd(self):
+        # as Trainer.training_step runs it: training mode, its loss context, the accelerator's backward
+        self.model.train()
+        with self.trainer.compute_loss_context_manager():
+            loss = self.trainer.compute_loss(self.model, self.batch)
+        self.trainer.accelerator.backward(loss)
+
+    def discriminator_update(self):  # its backward (training_step), then finish_step's clipping and step
+        self.trainer.train_discriminator(self.batch.real["text"], self.batch.sample_texts)
+        self.trainer.discriminator.clip_gradients()
+        self.trainer.discriminator.step()
+
+    def captioner_clip(self):  # the Trainer's loop clips when max_grad_norm > 0, before the optimizer step
+        if self.trainer.args.max_grad_norm > 0:
+            self.trainer._clip_grad_norm(self.model)
+
+    def captioner_optimizer(self):
+        self.trainer.optimizer.step()
+
+    def zero_grad(self):  # as the Trainer's loop after every step: the next backward starts from no gradients
+        self.model.zero_grad()
+
+    def ce_step(self):
+        """A teacher-forced cross-entropy step on the same sequences (the init stage's kind of step): the model's own
+        loss on labels, the accelerator's backward, the trainer's clipping and optimizer step."""
+        from trainers.scst_trainer import caption_mask
+
+        mask = caption_mask(self.batch.samples, self.trainer.captioner_config.eos_token_id)
+        self.model.train()
+        with self.trainer.compute_loss_context_manager():
+            loss = self.model(prefix_features=self.batch.prefix_features, input_ids=self.batch.samples,
+                              attention_mask=mask, labels=self.batch.samples, use_cache=False).loss
+        self.trainer.accelerator.backward(loss)
+        self.captioner_clip()
+        self.captioner_optimizer()
+
+
+def standalone_scst_parts(trainer, captured: dict, device: str, repeats: int = 3) -> dict:
+    """Each part of the scst step by the trainer's own method, alone, on the step's captured inputs (median of
+    `repeats` runs after a warm-up); the teacher-forced cross-entropy step; the two savings. The weights the
+    optimizers step do not matter to the timings; the step's metrics these calls gather are dropped at the end."""
+    from trainers.scst_trainer import StepState, caption_mask
+
+    if not trainer.accelerator.sync_gradients:  # AcceleratedOptimizer.step would do nothing: nothing to time
+        raise RuntimeError("the accelerator is between micro-batches of a step: its optimizer would not step")
+    parts = ScstParts(trainer, captured)
+    rollout_side = {"rollout": parts.roll_out, "clip_text_tower": parts.clip_text_tower,
+                    "discriminator_scoring": parts.discriminator_scoring, "advantages": parts.advantages}
+    captioner_side = {name: getattr(parts, name) for name in ("loss_fwd_bwd", "captioner_clip", "captioner_optimizer")}
+    measured = {**timed_rounds(rollout_side, device, repeats),
+                **timed_rounds(captioner_side, device, repeats, prepare=parts.zero_grad),
+                **timed_rounds({"discriminator_update": parts.discriminator_update}, device, repeats)}
+    if trainer.args.max_grad_norm <= 0:
+        measured.pop("captioner_clip")
+    ce = timed_rounds({"ce_step": parts.ce_step}, device, repeats, prepare=parts.zero_grad)["ce_step"]
     # The rehearsal's random captions are long byte salad; the corpus sentences stand for a trained captioner's.
-    contexts = {}
-    for label, sentences in (("rehearsal_captions", texts), ("corpus_sentences", batch.real["text"][:len(texts)])):
-        tokens = clip.tokenizer(sentences)
-        whole = clip_text(sentences, mixed_precision=False, whole_context=True)
-        cut = clip_text(sentences, mixed_precision=False)
-        parts = Timings(device)
-        for _ in range(repeats):
-            with parts.part("cut"):
-                clip_text(sentences, mixed_precision=False)
-            with parts.part("whole"):
-                clip_text(sentences, mixed_precision=False, whole_context=True)
-        positions = encode_text.causal_tower.positions(tokens) if encode_text.causal_tower else tokens.shape[1]
-        contexts[label] = {"context": int(tokens.shape[1]), "positions_run": int(positions), "rows": len(sentences), "whole_context_ms": median_ms(parts.parts["whole"]),
-                           "cut_ms": median_ms(parts.parts["cut"]),
-                           "max_abs_difference": float((whole - cut).abs().max())}
-    # Saving: the rollout inside the run's autocast (bf16 in the recipe) instead of outside it: the reward models in
-    # float32 then, and the sampling's forwards each in an autocast of their own (casting the weights at every token).
-    precision = {}
-    for name, part in (("sampling", sampling), ("clip_text_tower", clip_text), ("discriminator_scoring", disc_scoring)):
-        parts = Timings(device)
-        part(mixed_precision=False)
-        for _ in range(repeats):
-            with parts.part("outside"):
-                part(mixed_precision=False)
-            with parts.part("inside"):
-                part()
-        precision[name] = {"outside_autocast_ms": median_ms(parts.parts["outside"]),
-                           "inside_autocast_ms": median_ms(parts.parts["inside"])}
-    return {
+    sentence_sets = {"rehearsal_captions": parts.texts,
+                     "corpus_sentences": parts.batch.real["text"][:len(parts.texts)]}
+    result = {
         "standalone_ms": measured,
-        "ce_step_ms": median_ms(ce),
-        "clip_text_context": contexts,
-        "rollout_precision": {"mixed_precision": trainer.accelerator.mixed_precision, **precision},
-        "sample_caption_tokens": float(caption_mask(batch.samples, config.eos_token_id).sum(1).float().mean()),
-        "discriminator_tokens": int(discriminator.encode(texts)["input_ids"].shape[1]),
+        "ce_step_ms": ce,
+        "clip_text_context": clip_context_saving(trainer, sentence_sets, device, repeats),
+        "rollout_precision": {"mixed_precision": trainer.accelerator.mixed_precision,
+                              **rollout_precision(parts, device, repeats)},
+        "sample_caption_tokens": float(caption_mask(parts.batch.samples, trainer.captioner_config.eos_token_id)
+                                       .sum(1).float().mean()),
+        "discriminator_tokens": int(trainer.discriminator.encode(parts.texts)["input_ids"].shape[1]),
     }
+    parts.zero_grad()
+    trainer.step = StepState()
+    return result
+
+
+def clip_context_saving(trainer, sentence_sets: dict, device: str, repeats: int) -> dict:
+    """Saving: CLIP's text tower on the positions the captions use (the rewards' own encoder) instead of its whole
+    context (open_clip's encode_text): with a causal mask and pooling at the end token, the positions after it do not
+    change the feature. Both in float32, outside any autocast, to compare the features."""
+    import torch
+
+    clip, encode_text = trainer.rewards.clip, trainer.rewards.encode_text
+    clip_device = next(clip.model.parameters()).device
+    contexts = {}
+    for label, sentences in sentence_sets.items():
+        tokens = clip.tokenizer(sentences)
+
+        def whole(sentences=sentences):
+            with torch.no_grad():
+                return clip.model.encode_text(clip.tokenizer(sentences).to(clip_device)).float()
+
+        def cut(sentences=sentences):
+            return encode_text(sentences)
+
+        medians = timed_rounds({"cut": cut, "whole": whole}, device, repeats)
+        positions = encode_text.causal_tower.positions(tokens) if encode_text.causal_tower else tokens.shape[1]
+        contexts[label] = {"context": int(tokens.shape[1]), "positions_run": int(positions), "rows": len(sentences),
+                           "whole_context_ms": medians["whole"], "cut_ms": medians["cut"],
+                           "max_abs_difference": float((whole() - cut()).abs().max())}
+    return contexts
+
+
+def rollout_precision(parts: ScstParts, device: str, repeats: int) -> dict:
+    """Saving: the rollout and the rewards inside the step's autocast (bf16 in the recipe), as generate_and_score runs
+    them, instead of outside it: the reward models in float32 then, and the sampling's forwards each in an autocast of
+    their own (the prepared forward autocasts, casting the weights again at every token)."""
+    medians = timed_rounds({"rollout_outside": lambda: parts.roll_out(mixed_precision=False),
+                            "rollout_inside": parts.roll_out,
+                            "rewards_outside": lambda: parts.caption_rewards(mixed_precision=False),
+                            "rewards_inside": parts.caption_rewards}, device, repeats)
+    return {name: {"outside_autocast_ms": medians[f"{name}_outside"], "inside_autocast_ms": medians[f"{name}_inside"]}
+            for name in ("rollout", "rewards")}
 
 
 # -------------------------------------------------------------------------------------------------- orchestration
@@ -593,7 +665,7 @@ def print_summary(report: dict):
         for name, value in scst["in_step_ms"].items():
             print(f"{name:<26} {value!s:>10}  {scst['standalone_ms'].get(name, '-')!s:>13}")
         print(f"step {scst['step_ms_median']} ms / sum of standalone parts {scst['sum_of_standalone_ms']} ms = "
-              f"{scst['step_over_sum_of_parts']} (target <= 1.3)")
+              f"{scst['step_over_sum_of_parts']}: the Trainer loop's own overhead (target <= 1.3)")
         print(f"scst step / teacher-forced CE step on the same {scst['sequences_per_step']} sequences: "
               f"{scst['scst_over_ce_per_sequence']}x per sequence (CE step {scst['ce_step_ms']} ms)")
         for label, context in scst["clip_text_context"].items():
@@ -602,8 +674,8 @@ def print_summary(report: dict):
                   f"{context['whole_context_ms']} ms -> "
                   f"{context['cut_ms']} ms, same features within {context['max_abs_difference']:.1e}")
         precision = scst["rollout_precision"]
-        for name in ("sampling", "clip_text_tower", "discriminator_scoring"):
-            print(f"{name.replace('_', ' ')}: {precision[name]['outside_autocast_ms']} ms outside the step's "
+        for name, method in (("rollout", "roll_out"), ("rewards", "caption_rewards")):
+            print(f"{name} ({method}): {precision[name]['outside_autocast_ms']} ms outside the step's "
                   f"{precision['mixed_precision']} autocast -> {precision[name]['inside_autocast_ms']} ms inside")
 
 

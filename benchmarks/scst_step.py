@@ -74,7 +74,7 @@ def make_scst_trainer(model, tokenizer, folder: Path, args) -> SCSTTrainer:
     clip_name = save_local_clip(clip, TINY_CLIP, folder / "clip")
     model.config.clip_model_name, model.config.clip_pretrained = clip_name, None
     config = SCSTConfig(output_dir=str(folder / "scst"), per_device_train_batch_size=args.batch_size,
-                        num_samples=args.num_samples, max_new_tokens=args.new_tokens, reward_weight=0.5,
+                        num_samples=args.num_samples, max_new_tokens=args.new_tokens, semantic_share=0.5,
                         report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     corpus = Dataset.from_dict({"text": [" ".join(f"w{i + j}" for j in range(8)) for i in range(256)]})
     discriminator = Discriminator.from_config(SMALL_DISCRIMINATOR, tokenizer)

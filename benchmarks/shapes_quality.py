@@ -51,27 +51,32 @@ MIX_SHARES = (0.5, 0.8)
 # cosine + 0.5 L1). Deviations: the steps are a tenth of CgT-GAN's (a shapes run is a few hundred steps of 32 images,
 # not 44k steps of 128); its L1 takes raw CLIP features where ours takes unit vectors; its discriminator's dropout
 # and its per-sequence mean log-probability are not reproduced (see `trainers/scst_trainer.py`).
-CGTGAN = ("--advantage_scaling", "none", "--baseline", "greedy", "--reward_weight", "0.5", "--reward_ramp", "linear",
-          "--gan_training_steps", "15", "--gan_warm_steps", "235", "--clip_cos_weight", "0", "--agg_cos_weight", "0.5",
-          "--agg_l1_weight", "0.5")
+CGTGAN = ("--advantage_scaling", "none", "--baseline", "greedy", "--semantic_share", "0.5", "--semantic_ramp", "linear",
+          "--naturalness_only_steps", "15", "--semantic_ramp_steps", "235", "--clip_cos_weight", "0",
+          "--agg_cos_weight", "0.5", "--agg_l1_weight", "0.5")
 SCST_ROWS = {
     "noop": ("--learning_rate", "0"),
-    "clip_only": ("--reward_weight", "1.0"),
-    "discriminator_only": ("--reward_weight", "0.0"),
+    "clip_only": ("--semantic_share", "1.0"),
+    "discriminator_only": ("--semantic_share", "0.0"),
     "cgtgan": CGTGAN,
     # The mix with a critic ten times slower than the recipe's: at the recipe's rate the discriminator swings between
     # calling every caption real and none, so its reward chases a moving target.
-    "mix_slow_critic": ("--reward_weight", "0.5", "--discriminator_learning_rate", "1e-4"),
+    "mix_slow_critic": ("--semantic_share", "0.5", "--discriminator_learning_rate", "1e-4"),
+    # The mix with a critic that keeps up and remembers: five updates a step, the further four on fresh corpus
+    # sentences against captions drawn from this step's samples and the last 4000 generated (25 steps' worth).
+    "mix_replay_critic": ("--semantic_share", "0.5", "--discriminator_steps", "5", "--discriminator_replay", "4000"),
 }
-ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "mix_slow_critic", "cgtgan", "shuffled",
-        "supervised")
+ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "mix_slow_critic", "mix_replay_critic", "cgtgan",
+        "shuffled", "supervised")
 COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribute_recall", "parse_rate",
            "repeated_word_share", "distinct_2", "caption_length", "attribute_f1", "cider", "bleu_4", "clip_s",
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
 PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
          ("cgtgan", "init"), ("shuffled", "init"), ("noop", "init"), ("mix@last", "clip_only@last"),
          ("mix@last", "init"), ("clip_only@last", "init"), ("mix_slow_critic", "init"),
-         ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"), ("mix_slow_critic@last", "clip_only@last"))
+         ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"), ("mix_slow_critic@last", "clip_only@last"),
+         ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"), ("mix_replay_critic@last", "init"),
+         ("mix_replay_critic@last", "clip_only@last"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
@@ -89,10 +94,11 @@ class Setting:
 
     def flags(self, stage: str) -> list[str]:
         tables, raw = self.world_dir / "tables", self.world_dir / "raw"
-        flags = ["--shapes_dir", str(self.world_dir), "--shapes_clip", self.clip,
-                 "--val_table", f"{tables}/shapes/val", "--test_table", f"{tables}/shapes/test",
-                 "--val_scenes", f"{raw}/scenes/val.json", "--test_scenes", f"{raw}/scenes/test.json",
-                 "--images_dir", f"{raw}/images"]
+        flags = ["--shapes_dir", str(self.world_dir), "--shapes_clip", self.clip]
+        if stage == "eval":  # each stage takes the tables it reads
+            return flags + ["--test_table", f"{tables}/shapes/test", "--test_scenes", f"{raw}/scenes/test.json",
+                            "--images_dir", f"{raw}/images"]
+        flags += ["--val_table", f"{tables}/shapes/val", "--val_scenes", f"{raw}/scenes/val.json"]
         if stage in ("init", "supervised"):  # the later stages read the tokenizer saved with their model
             flags += ["--tokenizer_name_or_path", f"{raw}/tokenizer"]
         if stage == "init":
@@ -107,7 +113,7 @@ class Setting:
                 flags += ["--max_steps", str(self.scst_steps), "--eval_steps", every, "--save_steps", every]
         elif stage == "supervised":
             flags += ["--train_table", f"{tables}/shapes/train"]
-        return flags + list(self.extra) if stage != "eval" else flags
+        return flags + list(self.extra)
 
     def key(self, row: str, stage: str, flags: tuple[str, ...], start: str | None = None) -> str:
         """A hash of the stage's full settings as `train.py` would run them (the recipe, the world's flags and the
@@ -193,7 +199,7 @@ class SeedRun:
         return candidates[level]
 
     def best_mix(self, start: str, shares: list[float]) -> dict:
-        candidates = {share: self.train(f"mix_{share}", "scst", ("--reward_weight", str(share)), start)
+        candidates = {share: self.train(f"mix_{share}", "scst", ("--semantic_share", str(share)), start)
                       for share in shares}
         share = max(candidates, key=lambda value: candidates[value]["validation_best"])
         self.results["choices"]["semantic_share"] = share
@@ -212,7 +218,7 @@ class SeedRun:
             elif row == "shuffled":  # the chosen mix, its semantic reward computed against another image
                 self.best_mix(init["final"], shares)
                 share = str(self.results["choices"]["semantic_share"])
-                self.test(row, self.train(row, "scst", ("--shuffle_semantic_reward", "true", "--reward_weight", share),
+                self.test(row, self.train(row, "scst", ("--shuffle_semantic_reward", "true", "--semantic_share", share),
                                           init["final"]))
             elif row == "supervised":
                 self.test(row, self.train(row, "supervised", ()))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_scstclipcap import iter_text_features, norm_column, read_table_description
+from clip_scstclipcap import norm_column, read_table_description
 
 from .common import ClipRequest, RunOptions, require_rows, reusable, reused_report, table_description
 from .sources import (CleaningRules, DataPrepError, SkipReport, clean_corpus, read_gcc_tsv, read_sentence_dump,
@@ -40,9 +40,8 @@ def _write_corpus_table(sentences: list[str], table: Path, source: str, clip: Cl
                         description_extra: dict) -> None:
     loaded = clip.load()
     description = table_description("corpus", loaded.metadata, **description_extra)
-    batches = iter_text_features(loaded.model, loaded.tokenizer, sentences, batch_size=options.batch_size,
-                                 num_workers=options.num_workers, device=loaded.device,
-                                 progress=f"corpus/{table.name}" if options.progress else None)
+    batches = loaded.iter_text_features(sentences, batch_size=options.batch_size, num_workers=options.num_workers,
+                                        progress=f"corpus/{table.name}" if options.progress else None)
     with TableWriter(table, corpus_features(loaded.metadata["dim"], with_norms=True), description) as writer:
         for batch in batches:
             writer.write({

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import datasets
 
-from clip_scstclipcap import iter_image_features, norm_column
+from clip_scstclipcap import norm_column
 
 from .common import ClipRequest, RunOptions, require_rows, reusable, reused_report, table_description
 from .sources import (CaptionFile, DataPrepError, SkipReport, find_image_file, index_image_files, is_karpathy_split,
@@ -75,9 +75,8 @@ def _write_images_table(rows: list, images_dir: Path, table: Path, clip: ClipReq
     description = table_description("images", loaded.metadata, source=source, split=table.name,
                                     references=keep_references)
     paths = [str(images_dir / file_name) for _, file_name, _ in rows]
-    batches = iter_image_features(loaded.model, loaded.preprocess, paths, batch_size=options.batch_size,
-                                  num_workers=options.num_workers, device=loaded.device,
-                                  progress=f"{table.parent.name}/{table.name}" if options.progress else None)
+    batches = loaded.iter_image_features(paths, batch_size=options.batch_size, num_workers=options.num_workers,
+                                         progress=f"{table.parent.name}/{table.name}" if options.progress else None)
     with TableWriter(table, images_features(loaded.metadata["dim"], with_norms=True), description) as writer:
         for batch in batches:
             for position, reason, detail in batch.failures:

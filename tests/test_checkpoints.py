@@ -23,6 +23,7 @@ from modeling_scstclipcap import SCSTClipCapForCaptioning
 from test_init_trainer import corpus_table, init_config
 from trainers import InitTrainer
 from trainers.checkpoints import MARKER, CheckpointSaveError, is_complete, latest_complete, missing_parts
+from trainers.stages import resume_point
 
 SAVING = dict(max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1, noise_std=0.1)
 
@@ -135,7 +136,7 @@ def test_an_incomplete_checkpoint_is_refused_naming_what_it_lacks(saved, tiny_to
     def refusal(checkpoint: Path) -> str:
         trainer.args.resume_from_checkpoint = str(checkpoint)
         with pytest.raises(SystemExit) as stop:
-            train.resume_point(trainer, state)
+            resume_point(trainer, state)
         assert isinstance(stop.value.code, str) and "\n" not in stop.value.code
         return stop.value.code
 
@@ -156,7 +157,7 @@ def test_an_incomplete_checkpoint_is_refused_naming_what_it_lacks(saved, tiny_to
 
     # `latest`, with nothing complete left, says so and starts from the beginning.
     trainer.args.resume_from_checkpoint = "latest"
-    assert train.resume_point(trainer, state) is None
+    assert resume_point(trainer, state) is None
     assert f"no complete checkpoint in {saved}: starting from the beginning" in capsys.readouterr().out
 
 
@@ -167,10 +168,10 @@ def test_latest_is_the_newest_complete_checkpoint(saved, tiny_tokenizer, capsys)
     (saved / "checkpoint-8" / MARKER).unlink()
     trainer = make_trainer(tiny_tokenizer, saved.parent)
     trainer.args.resume_from_checkpoint = "latest"
-    assert train.resume_point(trainer, train.PartialState()) == str(saved / "checkpoint-6")
+    assert resume_point(trainer, train.PartialState()) == str(saved / "checkpoint-6")
     assert f"resuming from {saved / 'checkpoint-6'}" in capsys.readouterr().out
     trainer.args.resume_from_checkpoint = "true"
-    assert train.resume_point(trainer, train.PartialState()) == str(saved / "checkpoint-6")
+    assert resume_point(trainer, train.PartialState()) == str(saved / "checkpoint-6")
 
 
 def test_a_fresh_run_removes_the_checkpoints_of_an_earlier_run_in_its_folder(saved, tiny_tokenizer):

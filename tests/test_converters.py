@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 import convert_checkpoint
-from clip_scstclipcap import load_clip
+from clip_scstclipcap import CaptioningClip
 from conftest import PROJECT_ROOT, write_random_images
 from convert_checkpoint import main
 
@@ -375,9 +375,9 @@ def original_captions(original, tokenizer, features, settings) -> tuple[list[lis
 def test_converted_models_caption_image_files_through_the_pipeline_as_the_original_code(
         tmp_path, tokenizer_dir, clip_name, image_paths, name):
     settings = SOURCES[name]
-    clip_model, preprocess, _ = load_clip(clip_name)
+    clip = CaptioningClip.load(clip_name)
     with torch.no_grad():  # the originals' image side: PIL image, CLIP's transform, encode_image
-        raw = clip_model.encode_image(torch.stack([preprocess(Image.open(path)) for path in image_paths]))
+        raw = clip.model.encode_image(torch.stack([clip.preprocess(Image.open(path)) for path in image_paths]))
     mapper_input = F.normalize(raw, dim=-1) if settings["normalise"] else raw
     original = original_model(settings["seed"], prefix_length=4, prefix_size=raw.shape[1], n_positions=128,
                               mapping_type=settings["mapping_type"], clip_length=3, num_layers=2)

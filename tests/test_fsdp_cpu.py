@@ -88,7 +88,7 @@ def stage_args(work: Path, stage: str, output: Path, start_from: Path | None = N
                          "--per_device_train_batch_size", "4", "--learning_rate", "3e-3"]
     return common + ["--model_name_or_path", str(start_from), "--max_steps", "2", "--per_device_train_batch_size", "2",
                      "--num_samples", "2", "--max_new_tokens", "5", "--learning_rate", "1e-3",
-                     "--discriminator_config", str(work / "discriminator.json"), "--reward_weight", "0.5"]
+                     "--discriminator_config", str(work / "discriminator.json"), "--semantic_share", "0.5"]
 
 
 def force_fsdp_on_cpu():

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard, set_client_factory
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils._http import default_client_factory
 
-from clip_scstclipcap import clip_metadata, encode_images, load_clip
+from clip_scstclipcap import CaptioningClip, clip_metadata
 from conftest import run_script_outside_the_project
 from dataprep.common import table_description
 from dataprep.tables import images_features, save_table
@@ -49,8 +49,7 @@ def tables(tmp_path, clip_name, image_paths):
     """A test images table (as prepare_datasets writes it), a corpus table made by prepare_datasets itself, and a
     `datasets` cache file that must not be uploaded."""
     root = tmp_path / "tables"
-    clip_model, preprocess, _ = load_clip(clip_name)
-    features = encode_images(clip_model, preprocess, image_paths).numpy()
+    features = CaptioningClip.load(clip_name).encode_images(image_paths).numpy()
     rows = {"image_id": [f"{k}" for k in range(len(image_paths))], "file_name": image_paths,
             "clip_features": features.tolist(), "references": [["a red circle"]] * len(image_paths)}
     description = table_description("images", clip_metadata(clip_name, None, features.shape[1], True),

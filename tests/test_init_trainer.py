@@ -13,6 +13,7 @@ import train
 from clip_scstclipcap import clip_metadata
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from trainers import CaptionCollator, InitConfig, InitTrainer, mmd_rbf
+from trainers.stages import build_model
 
 from conftest import PROJECT_ROOT, TINY_WORDS
 
@@ -190,8 +191,8 @@ def test_recipe_yaml_with_command_line_override(tmp_path):
     settings = train.read_recipe(str(recipe))
     script, config = train.parse_stage("init", settings, ["--config", str(recipe), "--learning_rate", "0.01"])
     assert (config.noise_std, config.num_train_epochs, config.learning_rate) == (0.05, 7, 0.01)
-    _, supervised = train.parse_stage("supervised", settings, ["--sigma", "0.2"])
-    assert (supervised.noise_std, supervised.num_train_epochs, supervised.learning_rate) == (0.2, 2, 0.001)
+    _, supervised = train.parse_stage("supervised", settings, [])
+    assert (supervised.noise_std, supervised.num_train_epochs, supervised.learning_rate) == (0.0, 2, 0.001)
     _, aliased = train.parse_stage("init", {}, ["--output_dir", "x", "--lambda1", "0.3", "--lambda2", "1.0"])
     assert (aliased.pseudo_pair_weight, aliased.mmd_weight) == (0.3, 1.0)
     with pytest.raises(SystemExit, match="unknown settings in the recipe"):
@@ -319,15 +320,13 @@ def test_eval_stage_is_one_command_and_says_in_one_line_what_is_missing(tiny_tok
 def test_a_stage_refuses_a_setting_it_would_ignore(tmp_path):
     output = ["--output_dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="scst stage does not read --mapping_type"):
-        train.parse_stage("scst", {}, ["--stage", "scst", "--mapping_type", "transformer", *output],
-                          explicit_stage=True)
+        train.parse_stage("scst", {}, ["--stage", "scst", "--mapping_type", "transformer", *output])
     with pytest.raises(SystemExit, match="supervised stage does not read --noise_std"):
-        train.parse_stage("supervised", {}, ["--stage", "supervised", "--noise_std=0.1", *output], explicit_stage=True)
-    # `--stage all` hands every stage the same flags: the init stage reads this one, the supervised bound drops it
-    script, config = train.parse_stage("supervised", {}, ["--noise_std", "0.1", *output], explicit_stage=False)
-    assert config.noise_std == 0.1
-    assert train.parse_stage("init", {}, ["--stage", "init", "--noise_std", "0.1", *output],
-                             explicit_stage=True)[1].noise_std == 0.1
+        train.parse_stage("supervised", {}, ["--stage", "supervised", "--noise_std=0.1", *output])
+    # `--stage all` hands every stage the same flags: the init stage reads this one, the supervised bound leaves it
+    script, config = train.parse_stage("supervised", {}, ["--noise_std", "0.1", *output], shared_command_line=True)
+    assert config.noise_std == 0.0
+    assert train.parse_stage("init", {}, ["--stage", "init", "--noise_std", "0.1", *output])[1].noise_std == 0.1
 
 
 def test_new_transformer_mapper_takes_its_heads_and_mlp_ratio_from_the_command_line(tiny_tokenizer, tmp_path):
@@ -336,8 +335,8 @@ def test_new_transformer_mapper_takes_its_heads_and_mlp_ratio_from_the_command_l
     script, _ = train.parse_stage("init", {}, [
         "--mapping_type", "transformer", "--num_mapping_layers", "1", "--num_mapping_heads", "4",
         "--mapping_mlp_ratio", "3.0", "--clip_length", "2", "--prefix_length", "2", "--decoder_config", str(decoder),
-        "--output_dir", str(tmp_path)], explicit_stage=True)
-    model = train.build_model(script, tmp_path, {"dim": 16, "model_name": "ViT-B-32"}, tiny_tokenizer)
+        "--output_dir", str(tmp_path)])
+    model = build_model(script, tmp_path, {"dim": 16, "model_name": "ViT-B-32"}, tiny_tokenizer)
     assert model.config.num_mapping_heads == 4 and model.config.mapping_mlp_ratio == 3.0
 
 

@@ -17,6 +17,7 @@ import torch
 import train
 from conftest import PROJECT_ROOT
 from trainers.discriminator import Discriminator
+from trainers.stages import verify_ranks_agree
 
 DEEPSPEED_CONFIG = "configs/accelerate/deepspeed_zero3.yaml"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -62,9 +63,9 @@ def test_the_discriminator_is_compared_across_ranks_under_zero3_and_a_partitione
     discriminator = Discriminator.from_config({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
                                                "num_attention_heads": 2, "intermediate_size": 32,
                                                "max_position_embeddings": 48}, tiny_tokenizer).model
-    fingerprint = train.verify_ranks_agree(discriminator)
+    fingerprint = verify_ranks_agree(discriminator)
     assert isinstance(fingerprint, str) and len(fingerprint) == 64
     partitioned = torch.nn.Linear(2, 2)
     for index, parameter in enumerate(partitioned.parameters()):
         parameter.ds_id = index
-    assert train.verify_ranks_agree(partitioned) is None
+    assert verify_ranks_agree(partitioned) is None

@@ -35,7 +35,7 @@ from conftest import (
     write_random_images,
 )
 
-from clip_scstclipcap import CaptioningClip, clip_metadata, encode_images, encode_texts, load_clip
+from clip_scstclipcap import CaptioningClip, clip_metadata
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from pipeline_scstclipcap import (
     PIPELINE_TASK,
@@ -61,8 +61,7 @@ def save_captioner(folder, make_config, tokenizer, clip_name: str, image_paths: 
         clip_model_name=clip_name, clip_pretrained=None, decoder_config=tiny_decoder_config(vocab_size=len(tokenizer))
     )
     model = SCSTClipCapForCaptioning(config).eval()
-    clip_model, preprocess, _ = load_clip(clip_name)
-    features = encode_images(clip_model, preprocess, image_paths)
+    features = CaptioningClip.load(clip_name).encode_images(image_paths)
     with torch.no_grad():
         first_layer = model.mapper.model[0]
         first_layer.weight.mul_(100)
@@ -82,8 +81,13 @@ def model_dir(tmp_path, make_config, tiny_tokenizer, clip_name, image_paths):
 
 def expected_captions(model_dir, clip_name, paths, **generation_kwargs) -> list[str]:
     """What the model writes from the images' CLIP features made the way the tables make them."""
-    clip_model, preprocess, _ = load_clip(clip_name)
-    return captions_of_features(model_dir, encode_images(clip_model, preprocess, paths), **generation_kwargs)
+    features = table_features(CaptioningClip.load(clip_name), paths)
+    return captions_of_features(model_dir, features, **generation_kwargs)
+
+
+def table_features(clip: CaptioningClip, paths) -> torch.Tensor:
+    """The images' features as `prepare_datasets.py` streams them into a table."""
+    return torch.cat([batch.features for batch in clip.iter_image_features(paths)])
 
 
 def captions_of_features(model_dir, features, **generation_kwargs) -> list[str]:
@@ -197,9 +201,8 @@ def test_bundled_clip_wins_over_the_config_reference(model_dir, clip_name, image
     other_clip = make_tiny_clip(tmp_path / "other_clip", seed=1)
     assert bundle_clip(model_dir, other_clip) == model_dir / "clip"
     clip = CaptioningClip.for_captioner(config, model_dir)
-    other_model, other_preprocess, _ = load_clip(other_clip)
     torch.testing.assert_close(clip.encode_images(image_paths, batch_size=3),
-                               encode_images(other_model, other_preprocess, image_paths))
+                               table_features(CaptioningClip.load(other_clip), image_paths))
     assert load_pipeline(model_dir).clip.reference == f"local-dir:{model_dir / 'clip'}"
 
     config.clip_model_name = f"local-dir:{tmp_path / 'nowhere'}"
@@ -210,20 +213,28 @@ def test_bundled_clip_wins_over_the_config_reference(model_dir, clip_name, image
         bundle_clip(model_dir, "ViT-B-32")
 
 
-def test_the_captioning_clip_is_the_one_tables_rewards_and_clip_s_load(clip_name, image_paths, tmp_path):
+def test_captioning_and_the_tables_encode_through_one_clip(clip_name, image_paths, tmp_path):
+    """Captioning's in-process encoders and the tables' streaming iterators are methods of one object sharing one
+    image and one sentence encoding step: the same features to the bit, and the raw embeddings' norms."""
     clip = CaptioningClip.load(clip_name)
-    assert isinstance(clip, CaptioningClip)
-    model, preprocess, tokenizer = load_clip(clip_name)
-    torch.testing.assert_close(clip.encode_images(image_paths, batch_size=3),
-                               encode_images(model, preprocess, image_paths))
+    streamed = list(clip.iter_image_features(image_paths, batch_size=3))
+    assert [index for batch in streamed for index in batch.indices] == list(range(len(image_paths)))
+    assert not any(batch.failures for batch in streamed)
+    assert torch.equal(torch.cat([batch.features for batch in streamed]), clip.encode_images(image_paths, batch_size=3))
+    raw = clip.encode_images(image_paths, batch_size=3, normalize=False)
+    assert torch.equal(torch.cat([batch.norms for batch in streamed]), raw.norm(dim=-1))
+
     texts = ["a red circle", "a blue square above a green triangle"]
-    torch.testing.assert_close(clip.encode_text(texts), encode_texts(model, tokenizer, texts))
-    assert clip.metadata == clip_metadata(clip_name, None, 16, True, float(model.logit_scale.exp()))
+    streamed = list(clip.iter_text_features(texts, batch_size=1))
+    assert torch.equal(torch.cat([batch.features for batch in streamed]), clip.encode_text(texts, batch_size=1))
+    assert torch.equal(torch.cat([batch.norms for batch in streamed]),
+                       clip.encode_text(texts, batch_size=1, normalize=False).norm(dim=-1))
+    assert clip.metadata == clip_metadata(clip_name, None, 16, True, float(clip.model.logit_scale.exp()))
 
     with pytest.raises(FileNotFoundError, match="nowhere is not there"):
-        load_clip(f"local-dir:{tmp_path / 'nowhere'}")
+        CaptioningClip.load(f"local-dir:{tmp_path / 'nowhere'}")
     with pytest.raises(ValueError, match="'ViT-B-32' needs pretrained weights"):
-        load_clip("ViT-B-32")
+        CaptioningClip.load("ViT-B-32")
 
 
 HUB_FOLDER_CLIP_SCRIPT = textwrap.dedent(
@@ -251,10 +262,9 @@ def test_the_hub_folder_encodes_images_and_sentences_as_training_did(model_dir, 
         HUB_FOLDER_CLIP_SCRIPT, [model_dir, json.dumps(image_paths), json.dumps(sentences)], tmp_path)
     assert report["clip_module"].startswith("transformers_modules")
 
-    clip_model, preprocess, _ = load_clip(clip_name)
-    table_features = encode_images(clip_model, preprocess, image_paths)
-    reward_features = ClipRewards(CaptioningClip.load(clip_name)).encode_text(sentences)
-    torch.testing.assert_close(torch.tensor(report["images"]), table_features)
+    clip = CaptioningClip.load(clip_name)
+    reward_features = ClipRewards(clip).encode_text(sentences)
+    torch.testing.assert_close(torch.tensor(report["images"]), table_features(clip, image_paths))
     torch.testing.assert_close(torch.tensor(report["sentences"]), reward_features)
 
 

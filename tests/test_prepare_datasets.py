@@ -13,15 +13,15 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from clip_scstclipcap import (
-    CausalTextTower, ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata, encode_images,
-    encode_texts, iter_text_features, load_clip, model_prefix_features, read_clip_metadata, table_prefix_features,
+    CaptioningClip, CausalTextTower, ClipMismatchError, check_clip_metadata, check_model_features, clip_metadata,
+    model_prefix_features, read_clip_metadata, table_prefix_features,
 )
 from conftest import TINY_CLIP, make_tiny_clip
 from dataprep.common import RunOptions
 from dataprep.corpus import split_for_pretraining
 from dataprep.neighbors import aggregated_targets, nearest_sentences
-from dataprep.shapes import ClipTraining
 from dataprep.world import prepare_shapes
+from dataprep.world_clip import ClipTraining
 from prepare_datasets import main
 
 DIM = TINY_CLIP["embed_dim"]
@@ -99,13 +99,12 @@ def test_coco_tables_schema_metadata_counts_report_and_references(tmp_path, coco
     assert (meta["model_name"], meta["dim"], meta["normalized"]) == (clip_name, DIM, True)
     check_clip_metadata(meta, clip_metadata(clip_name, None, DIM, True), "train")
 
-    model, preprocess, _ = load_clip(clip_name)
-    expected = encode_images(model, preprocess, [str(coco_raw[0] / name) for name in train[:]["file_name"]])
+    clip = CaptioningClip.load(clip_name)
+    expected = clip.encode_images([str(coco_raw[0] / name) for name in train[:]["file_name"]])
     np.testing.assert_allclose(np.array(train[:]["clip_features"]), expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.array(val[:]["clip_features"]), axis=1), 1.0, atol=1e-5)
     # The norm beside each normalised feature gives encode_image's raw output back (what ClipCap's weights read).
-    raw = encode_images(model, preprocess, [str(coco_raw[0] / name) for name in train[:]["file_name"]],
-                        normalize=False)
+    raw = clip.encode_images([str(coco_raw[0] / name) for name in train[:]["file_name"]], normalize=False)
     restored = np.array(train[:]["clip_features"]) * np.array(train[:]["clip_features_norm"])[:, None]
     np.testing.assert_allclose(restored, raw.numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(raw.norm(dim=1).numpy(), 1.0, atol=1e-2)
@@ -277,10 +276,10 @@ def test_model_features_from_tables_as_the_model_reads_them(tmp_path, coco_raw, 
     assert run_coco(coco_raw, tmp_path / "out", clip_name) == 0
     table_path = tmp_path / "out" / "coco" / "train"
     train = datasets.load_from_disk(str(table_path))
-    model, preprocess, _ = load_clip(clip_name)
+    clip = CaptioningClip.load(clip_name)
     paths = [str(coco_raw[0] / name) for name in train[:]["file_name"]]
-    raw = encode_images(model, preprocess, paths, normalize=False)
-    normalised = encode_images(model, preprocess, paths)
+    raw = clip.encode_images(paths, normalize=False)
+    normalised = clip.encode_images(paths)
 
     ours = make_config(prefix_dim=DIM)
     clipcap = make_config(prefix_dim=DIM, clip_embedding="raw")
@@ -317,10 +316,10 @@ def test_shutterstock_corpus_cleaning_features_and_report(tmp_path, clip_name):
     assert set(corpus[:]["source"]) == {"shutterstock"}
     assert corpus.features["clip_features"] == datasets.List(datasets.Value("float32"), length=DIM)
     assert read_clip_metadata(table)["model_name"] == clip_name
-    model, _, tokenizer = load_clip(clip_name)
-    np.testing.assert_allclose(np.array(corpus[:]["clip_features"]),
-                               encode_texts(model, tokenizer, corpus[:]["text"]).numpy(), atol=1e-5)
-    raw = encode_texts(model, tokenizer, corpus[:]["text"], normalize=False)
+    clip = CaptioningClip.load(clip_name)
+    np.testing.assert_allclose(np.array(corpus[:]["clip_features"]), clip.encode_text(corpus[:]["text"]).numpy(),
+                               atol=1e-5)
+    raw = clip.encode_text(corpus[:]["text"], normalize=False)
     np.testing.assert_allclose(corpus[:]["clip_features_norm"], raw.norm(dim=1).numpy(), rtol=1e-5)
     report = load_report(table)
     assert report["skipped_by_reason"] == {"duplicate_sentence": 1, "empty": 1, "too_long": 1}
@@ -333,10 +332,11 @@ SENTENCES_BY_TWO = ["a red circle", "a big blue square above a small green trian
 
 
 def test_text_features_run_on_the_sentences_positions_with_the_whole_contexts_features(clip_name):
-    """encode_texts / iter_text_features (the corpus's features) run the causal text tower on the positions up to
-    each batch's longest sentence's end token, and give open_clip's encode_text features on the whole context:
-    tables made before stay compatible."""
-    model, _, tokenizer = load_clip(clip_name)
+    """`CaptioningClip.encode_text` / `iter_text_features` (the corpus's features) run the causal text tower on the
+    positions up to each batch's longest sentence's end token, and give open_clip's encode_text features on the whole
+    context: tables made before stay compatible."""
+    clip = CaptioningClip.load(clip_name)
+    model, tokenizer = clip.model, clip.tokenizer
     widths = []
     model.transformer.register_forward_hook(lambda _, inputs, __: widths.append(inputs[0].shape[1]))
     tokens = tokenizer(SENTENCES_BY_TWO)
@@ -348,10 +348,10 @@ def test_text_features_run_on_the_sentences_positions_with_the_whole_contexts_fe
     assert needed[0] < context and needed[1] < needed[0] and needed[2] == context  # 30 words: cut at the context
 
     widths.clear()
-    raw = encode_texts(model, tokenizer, SENTENCES_BY_TWO, batch_size=2, normalize=False)
+    raw = clip.encode_text(SENTENCES_BY_TWO, batch_size=2, normalize=False)
     assert widths == needed
     torch.testing.assert_close(raw, full, atol=1e-5, rtol=1e-5)
-    batches = list(iter_text_features(model, tokenizer, SENTENCES_BY_TWO, batch_size=2))
+    batches = list(clip.iter_text_features(SENTENCES_BY_TWO, batch_size=2))
     assert [index for batch in batches for index in batch.indices] == list(range(len(SENTENCES_BY_TWO)))
     torch.testing.assert_close(torch.cat([batch.features for batch in batches]),
                                torch.nn.functional.normalize(full, dim=-1), atol=1e-6, rtol=1e-5)
@@ -372,10 +372,10 @@ def test_corpus_table_features_equal_the_whole_contexts_on_fewer_positions(tmp_p
     dump.write_text("\n".join(SENTENCES_BY_TWO[:4]) + "\n")
     assert run_corpus(tmp_path, clip_name, "text", dump, "--batch-size", "2") == 0
     corpus = datasets.load_from_disk(str(tmp_path / "out" / "corpus" / "sentences"))
-    model, _, tokenizer = load_clip(clip_name)
-    tokens = tokenizer(corpus[:]["text"])
+    clip = CaptioningClip.load(clip_name)
+    tokens = clip.tokenizer(corpus[:]["text"])
     with torch.no_grad():
-        full = model.encode_text(tokens).float()
+        full = clip.model.encode_text(tokens).float()
     assert widths and max(widths) < tokens.shape[1]
     np.testing.assert_allclose(np.array(corpus[:]["clip_features"]),
                                torch.nn.functional.normalize(full, dim=-1).numpy(), atol=1e-6)
@@ -493,7 +493,7 @@ def test_default_temperature_and_output_path(images_and_corpus, clip_name):
     images_path, corpus_path = images_and_corpus
     assert main(["aggregate", "--images", str(images_path), "--corpus", str(corpus_path), "--no-progress"]) == 0
     aggregation = json.loads(datasets.load_from_disk(str(images_path.with_name("train_agg_corpus"))).info.description)
-    scale = float(load_clip(clip_name)[0].logit_scale.exp())
+    scale = float(CaptioningClip.load(clip_name).model.logit_scale.exp())
     assert aggregation["aggregation"]["temperature"] == pytest.approx(scale)
 
 

@@ -22,7 +22,7 @@ import open_clip
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, HfArgumentParser, TrainerCallback
 
 import train
 from clip_scstclipcap import ClipMismatchError, ClipTextEncoder, clip_metadata, save_local_clip
@@ -32,11 +32,10 @@ from dataprep import shapes
 from modeling_scstclipcap import SCSTClipCapForCaptioning
 from trainers import CaptionEvaluator
 from trainers.discriminator import Discriminator
-from trainers.rewards import ClipRewards, SemanticWeights, semantic_scores
+from trainers.rewards import ClipRewards, SemanticRewardWeights, semantic_scores
 from trainers.scst_trainer import (
     AdvantageScales, CorpusStream, SCSTConfig, SCSTTrainer, caption_mask, mixed_advantages, policy_gradient_loss,
     self_critical_advantages,
-    semantic_weight_at,
 )
 
 COLOURS, SHAPES = ("red", "green", "blue"), ("circle", "square")
@@ -234,13 +233,13 @@ def test_semantic_scores_on_known_vectors():
     text = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # normalised inside
     image = torch.tensor([[0.6, 0.8], [0.6, 0.8]])
     aggregate = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    scores = semantic_scores(text, image, aggregate, SemanticWeights(clip_cos=0.5, agg_cos=0.25, agg_l1=0.25), 10.0)
+    scores = semantic_scores(text, image, aggregate, SemanticRewardWeights(clip_cos=0.5, agg_cos=0.25, agg_l1=0.25), 10.0)
     torch.testing.assert_close(scores["clip_cos"], torch.tensor([6.0, 8.0]))
     torch.testing.assert_close(scores["agg_cos"], torch.tensor([10.0, 0.0]))
     torch.testing.assert_close(scores["agg_l1"], torch.tensor([10.0, 0.0]))  # 10 * (1 - mean(|0|, |0|)), 10 * (1 - 1)
     torch.testing.assert_close(scores["semantic"], torch.tensor([3.0 + 2.5 + 2.5, 4.0]))
     with pytest.raises(ValueError, match="aggregated"):
-        semantic_scores(text, image, None, SemanticWeights(agg_cos=1.0), 10.0)
+        semantic_scores(text, image, None, SemanticRewardWeights(agg_cos=1.0), 10.0)
 
 
 def test_baselines_on_known_numbers():
@@ -280,12 +279,16 @@ def test_corpus_stream_gives_each_slot_its_own_sentences_and_replays_on_resume()
     assert resumed.take(12, 5) == stream.take(12, 5)
 
 
-def test_semantic_weight_ramp():
-    linear = [semantic_weight_at(step, 0.5, 2, 4) for step in range(8)]
+def test_semantic_share_ramp(tmp_path):
+    def shares(steps: int, **settings) -> list[float]:
+        config = scst_config(tmp_path, **settings)
+        return [config.semantic_share_at(step) for step in range(steps)]
+
+    linear = shares(8, semantic_share=0.5, naturalness_only_steps=2, semantic_ramp_steps=4)
     assert linear == pytest.approx([0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
-    constant = [semantic_weight_at(step, 0.5, 2, 4, "constant") for step in range(4)]
+    constant = shares(4, semantic_share=0.5, naturalness_only_steps=2, semantic_ramp_steps=4, semantic_ramp="constant")
     assert constant == [0, 0, 0.5, 0.5]
-    assert [semantic_weight_at(step, 0.8, 0, 0) for step in range(2)] == [0.8, 0.8]
+    assert shares(2, semantic_share=0.8) == [0.8, 0.8]
 
 
 def test_caption_mask_stops_after_the_first_eos_even_when_padding_is_eos():
@@ -324,7 +327,7 @@ def test_discriminator_learns_a_separable_toy(tiny_tokenizer, tmp_path):
 
 
 def test_training_logs_every_metric_and_moves_both_networks(shapes_clip, tiny_tokenizer, tmp_path):
-    config = scst_config(tmp_path, max_steps=4, gan_training_steps=1, gan_warm_steps=2, reward_weight=0.5,
+    config = scst_config(tmp_path, max_steps=4, naturalness_only_steps=1, semantic_ramp_steps=2, semantic_share=0.5,
                          mmd_weight=0.1, clip_cos_weight=0.5, agg_cos_weight=0.3, agg_l1_weight=0.2)
     trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
     before = weights(trainer)
@@ -333,7 +336,7 @@ def test_training_logs_every_metric_and_moves_both_networks(shapes_clip, tiny_to
     for network in ("generator", "discriminator"):
         assert any(not torch.equal(before[network][k], after[network][k]) for k in before[network]), network
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
-    assert [entry["reward_weight"] for entry in logged] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    assert [entry["semantic_share"] for entry in logged] == pytest.approx([0.0, 0.25, 0.5, 0.5])
     expected = {"reward_clip_cos", "reward_agg_cos", "reward_agg_l1", "reward_semantic", "reward_naturalness",
                 "reward_greedy", "advantage_std", "advantage_scale_naturalness", "discriminator_accuracy_real",
                 "discriminator_accuracy_fake", "discriminator_loss", "caption_length", "distinct_1", "distinct_2",
@@ -346,7 +349,7 @@ def test_training_logs_every_metric_and_moves_both_networks(shapes_clip, tiny_to
     for entry in logged[1:]:
         semantic = 0.5 * entry["reward_clip_cos"] + 0.3 * entry["reward_agg_cos"] + 0.2 * entry["reward_agg_l1"]
         assert entry["reward_semantic"] == pytest.approx(semantic, rel=1e-5)
-        w = entry["reward_weight"]
+        w = entry["semantic_share"]
         mixed = (w * entry["reward_semantic"] / entry["advantage_scale_semantic"]
                  + (1 - w) * entry["reward_naturalness"] / entry["advantage_scale_naturalness"])
         assert entry["reward"] == pytest.approx(mixed, rel=1e-5, abs=1e-6)
@@ -357,29 +360,35 @@ def test_mixed_advantages_give_each_reward_its_share_whatever_its_scale():
     naturalness = torch.tensor([[0.1, -0.2, 0.4], [-0.5, 0.0, 0.2]])  # a logit's scale: +-0.3
     rewards = {"semantic": semantic, "naturalness": naturalness}
     for shares in ({"semantic": 0.7, "naturalness": 0.3}, {"semantic": 0.2, "naturalness": 0.8}):
-        mixed, scales = mixed_advantages(rewards, None, shares, "mean")
+        result = mixed_advantages(rewards, None, shares, "mean")
+        mixed, scales = result.advantages, result.scales
         parts = {kind: self_critical_advantages(values, None, "mean") / scales[kind] for kind, values in rewards.items()}
         for part in parts.values():
             assert part.pow(2).mean().sqrt() == pytest.approx(1.0)  # each reward on one scale
         torch.testing.assert_close(mixed, shares["semantic"] * parts["semantic"]
                                    + shares["naturalness"] * parts["naturalness"])
+        # the mixed reward is what the advantages are baselined differences of
+        torch.testing.assert_close(self_critical_advantages(result.sample_rewards, None, "mean"), mixed)
     # scaled up 1000x, a reward keeps its share of the advantage
     louder = {"semantic": semantic * 1000, "naturalness": naturalness}
-    torch.testing.assert_close(mixed_advantages(louder, None, shares, "mean")[0], mixed)
+    torch.testing.assert_close(mixed_advantages(louder, None, shares, "mean").advantages, mixed)
     # a reward at share 0 is left out of the mix
-    only, _ = mixed_advantages(rewards, None, {"semantic": 1.0, "naturalness": 0.0}, "mean")
-    torch.testing.assert_close(only, mixed_advantages({"semantic": semantic}, None, {"semantic": 1.0}, "mean")[0])
+    only = mixed_advantages(rewards, None, {"semantic": 1.0, "naturalness": 0.0}, "mean").advantages
+    torch.testing.assert_close(only, mixed_advantages({"semantic": semantic}, None, {"semantic": 1.0},
+                                                      "mean").advantages)
     greedy = {"semantic": torch.tensor([73.0, 77.0]), "naturalness": torch.tensor([0.0, 0.0])}
-    by_greedy, _ = mixed_advantages(rewards, greedy, {"semantic": 1.0, "naturalness": 0.0}, "greedy")
-    assert torch.equal(by_greedy > 0, semantic > greedy["semantic"][:, None])
+    by_greedy = mixed_advantages(rewards, greedy, {"semantic": 1.0, "naturalness": 0.0}, "greedy")
+    assert torch.equal(by_greedy.advantages > 0, semantic > greedy["semantic"][:, None])
+    torch.testing.assert_close(by_greedy.advantages, by_greedy.sample_rewards - by_greedy.greedy_rewards[:, None])
 
 
 def test_raw_scale_mix_is_cgtgans_sum_of_two_policy_gradient_losses():
     semantic = torch.tensor([[70.0, 76.0, 73.0], [80.0, 74.0, 77.0]])
     naturalness = torch.tensor([[0.1, -0.2, 0.4], [-0.5, 0.0, 0.2]])
     greedy = {"semantic": torch.tensor([73.0, 77.0]), "naturalness": torch.tensor([0.1, -0.1])}
-    mixed, scales = mixed_advantages({"semantic": semantic, "naturalness": naturalness}, greedy,
-                                     {"semantic": 0.5, "naturalness": 0.5}, "greedy", AdvantageScales("none"))
+    result = mixed_advantages({"semantic": semantic, "naturalness": naturalness}, greedy,
+                              {"semantic": 0.5, "naturalness": 0.5}, "greedy", AdvantageScales("none"))
+    mixed, scales = result.advantages, result.scales
     torch.testing.assert_close(mixed, 0.5 * (semantic - greedy["semantic"][:, None])
                                + 0.5 * (naturalness - greedy["naturalness"][:, None]))
     assert all(scale.item() == 1.0 for scale in scales.values())
@@ -451,8 +460,9 @@ class WeightsAfterEachStep(TrainerCallback):
 
 
 def test_a_non_finite_step_is_skipped_by_both_networks(shapes_clip, tiny_tokenizer, tmp_path, caplog):
-    config = scst_config(tmp_path, max_steps=2, reward_weight=1.0)
-    rewards = ClipRewards.from_model_config(captioner(shapes_clip, tiny_tokenizer).config, config.semantic_weights)
+    config = scst_config(tmp_path, max_steps=2, semantic_share=1.0)
+    rewards = ClipRewards.from_model_config(captioner(shapes_clip, tiny_tokenizer).config,
+                                            config.semantic_reward_weights)
     snapshots = WeightsAfterEachStep()
     trainer = make_trainer(shapes_clip, tiny_tokenizer, config, rewards=NonFiniteRewards(rewards, {0}),
                            callbacks=[snapshots])
@@ -471,10 +481,12 @@ def test_a_non_finite_step_is_skipped_by_both_networks(shapes_clip, tiny_tokeniz
     assert logged == [1, 1]
 
 
-def test_resume_is_exact(shapes_clip, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("discriminator", [{}, dict(discriminator_steps=3, discriminator_replay=12)],
+                         ids=["one_update", "further_updates_and_replay"])
+def test_resume_is_exact(shapes_clip, tiny_tokenizer, tmp_path, discriminator):
     """4 steps in one run == 2 steps, a checkpoint, and 2 more steps in a new trainer resumed from it."""
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, gan_training_steps=1, gan_warm_steps=2,
-                    learning_rate=3e-3, baseline="mean")
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, naturalness_only_steps=1, semantic_ramp_steps=2,
+                    learning_rate=3e-3, baseline="mean", **discriminator)
     straight = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path / "straight", **settings))
     straight.train()
 
@@ -492,6 +504,7 @@ def test_resume_is_exact(shapes_clip, tiny_tokenizer, tmp_path):
     assert second.state.global_step == 4
     assert_same_weights(weights(straight), weights(second))
     assert second.discriminator.scheduler.state_dict() == straight.discriminator.scheduler.state_dict()
+    assert second.replay == straight.replay
 
 
 def test_evaluation_picks_the_best_checkpoint_by_cider(shapes_clip, tiny_tokenizer, tmp_path):
@@ -518,7 +531,7 @@ def test_the_starting_model_competes_and_is_handed_back_when_nothing_beats_it(sh
         config = scst_config(tmp_path / str(learning_rate), max_steps=20, eval_strategy="steps", eval_steps=10,
                              eval_on_start=True, save_strategy="steps", save_steps=10, save_total_limit=1,
                              metric_for_best_model="clip_s_proxy", load_best_model_at_end=True,
-                             learning_rate=learning_rate, reward_weight=1.0, baseline="mean", num_samples=4)
+                             learning_rate=learning_rate, semantic_share=1.0, baseline="mean", num_samples=4)
         evaluator.extra_metrics = [lambda predictions: {"clip_s_proxy": greedy_reward_of(trainer, predictions)}]
         trainer = make_trainer(shapes_clip, tiny_tokenizer, config, evaluator=evaluator)
         start = weights(trainer)["generator"]
@@ -560,15 +573,23 @@ def test_settings_and_tables_are_checked(shapes_clip, tiny_tokenizer, tmp_path):
                     processing_class=tiny_tokenizer)
 
 
-def test_train_script_runs_scst_from_the_init_stage(shapes_clip, tiny_tokenizer, tmp_path):
+def write_tiny_run_inputs(shapes_clip, tokenizer, folder: Path, with_test: bool = False):
+    """What a tiny train.py run reads, in `folder`: train, val (and test) images tables and the corpus of one CLIP,
+    the caption tokenizer, a tiny decoder config (decoder.json) and discriminator config (discriminator.json)."""
     tables = {"train": images_table(shapes_clip), "val": images_table(shapes_clip, count=6, seed=3, split="val"),
               "corpus": corpus_table(shapes_clip)}
+    if with_test:
+        tables["test"] = images_table(shapes_clip, count=6, seed=4, split="test")
     tables["corpus"].info.description = tables["train"].info.description.replace('"images"', '"corpus"')
     for name, table in tables.items():
-        table.save_to_disk(str(tmp_path / name))
-    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    (tmp_path / "decoder.json").write_text(json.dumps({**tiny_decoder_config(), "n_positions": 32}))
-    (tmp_path / "discriminator.json").write_text(json.dumps(TINY_DISCRIMINATOR))
+        table.save_to_disk(str(folder / name))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "decoder.json").write_text(json.dumps({**tiny_decoder_config(), "n_positions": 32}))
+    (folder / "discriminator.json").write_text(json.dumps(TINY_DISCRIMINATOR))
+
+
+def test_train_script_runs_scst_from_the_init_stage(shapes_clip, tiny_tokenizer, tmp_path):
+    write_tiny_run_inputs(shapes_clip, tiny_tokenizer, tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({
         "corpus_table": str(tmp_path / "corpus"), "train_table": str(tmp_path / "train"),
@@ -675,7 +696,7 @@ def two_process_run(work: Path):
         output_dir=str(work / "run"), per_device_train_batch_size=2, num_samples=2, max_new_tokens=5,
         learning_rate=3e-3, discriminator_learning_rate=3e-3, discriminator_config=str(work / "discriminator.json"),
         max_steps=3, gradient_accumulation_steps=2, report_to="none", save_strategy="no", seed=0, use_cpu=True,
-        disable_tqdm=True, reward_weight=0.5, mmd_weight=0.1)
+        disable_tqdm=True, semantic_share=0.5, mmd_weight=0.1, discriminator_steps=2, discriminator_replay=8)
     trainer = SCSTTrainer(model=model, args=config, images=load_from_disk(str(work / "images")),
                           corpus=load_from_disk(str(work / "corpus")), processing_class=tokenizer)
     before = weights(trainer)
@@ -705,10 +726,19 @@ def test_shipped_recipes_parse_for_every_stage(recipe):
             assert isinstance(config, SCSTConfig) and (script.init_from_stage or script.model_name_or_path)
 
 
+def test_the_earlier_and_the_seeds_flag_names_are_aliases(tmp_path):
+    parser = HfArgumentParser(SCSTConfig)
+    (config,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--reward_weight", "0.3",
+                                                    "--gan_training_steps", "2", "--gan_warm_steps", "7",
+                                                    "--reward_ramp", "constant"])
+    assert (config.semantic_share, config.naturalness_only_steps, config.semantic_ramp_steps,
+            config.semantic_ramp) == (0.3, 2, 7, "constant")
+
+
 def test_cgtgan_recipe_is_cgtgans_published_defaults():
     """configs/coco_cgtgan.yaml against CgT-GAN's cgtgan.py defaults (128 images a step on 4 GPUs)."""
     _, config = train.parse_stage("scst", train.read_recipe(str(PROJECT_ROOT / "configs" / "coco_cgtgan.yaml")), [])
-    published = dict(reward_weight=0.5, gan_training_steps=150, gan_warm_steps=2350, reward_ramp="linear",
+    published = dict(semantic_share=0.5, naturalness_only_steps=150, semantic_ramp_steps=2350, semantic_ramp="linear",
                      advantage_scaling="none", baseline="greedy", num_samples=5, max_new_tokens=20,
                      clip_cos_weight=0.0, agg_cos_weight=0.5, agg_l1_weight=0.5, learning_rate=1e-5,
                      discriminator_learning_rate=1e-5, warmup_steps=150, weight_decay=0.05,
@@ -721,7 +751,7 @@ def test_cgtgan_recipe_is_cgtgans_published_defaults():
     # the seed's own run: share 0.5 by a linear ramp over 1000 steps, the MMD term on, constant rate 1e-5
     _, seed_run = train.parse_stage("scst", train.read_recipe(str(PROJECT_ROOT / "configs" /
                                                                   "coco_shutterstock.yaml")), [])
-    assert (seed_run.reward_weight, seed_run.gan_warm_steps, seed_run.reward_ramp) == (0.5, 1000, "linear")
+    assert (seed_run.semantic_share, seed_run.semantic_ramp_steps, seed_run.semantic_ramp) == (0.5, 1000, "linear")
     assert seed_run.mmd_weight > 0 and seed_run.learning_rate == 1e-5 and seed_run.lr_scheduler_type == "constant"
 
 
@@ -787,7 +817,7 @@ def test_scst_raises_the_greedy_captions_reward_where_a_no_op_stage_does_not(sha
     steps at learning rate 0 (a stage that does nothing) leave it where it was."""
     gains = {}
     for learning_rate in (0.0, 3e-3):
-        config = scst_config(tmp_path / str(learning_rate), max_steps=40, num_samples=4, reward_weight=1.0,
+        config = scst_config(tmp_path / str(learning_rate), max_steps=40, num_samples=4, semantic_share=1.0,
                              baseline="mean", learning_rate=learning_rate, logging_steps=40)
         trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
         features = torch.tensor(trainer.train_dataset["clip_features"])
@@ -818,7 +848,7 @@ def test_naturalness_steps_raise_the_discriminators_score_where_a_no_op_stage_do
     naturalness reward had no share would not move it."""
     gains = {}
     for learning_rate in (0.0, 3e-3):
-        config = scst_config(tmp_path / str(learning_rate), max_steps=100, num_samples=4, reward_weight=0.0,
+        config = scst_config(tmp_path / str(learning_rate), max_steps=100, num_samples=4, semantic_share=0.0,
                              baseline="mean", learning_rate=learning_rate, logging_steps=40,
                              discriminator_learning_rate=0.0)
         trainer = make_trainer(shapes_clip, tiny_tokenizer, config)
@@ -834,15 +864,39 @@ def test_naturalness_steps_raise_the_discriminators_score_where_a_no_op_stage_do
     assert gains[3e-3] > 0.5
 
 
+def test_further_discriminator_updates_learn_from_fresh_sentences_and_replayed_captions(shapes_clip, tiny_tokenizer,
+                                                                                        tmp_path):
+    def trained(**settings):
+        trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path / str(len(settings)), max_steps=3,
+                                                                        semantic_share=0.5, **settings))
+        trainer.train()
+        return trainer
+
+    one, several = trained(), trained(discriminator_steps=4, discriminator_replay=10)
+    # the schedule counts every update; the further ones log their loss
+    assert several.discriminator.scheduler.state_dict()["last_epoch"] == 4 * 3
+    assert one.discriminator.scheduler.state_dict()["last_epoch"] == 3
+    assert all("discriminator_further_loss" in entry for entry in several.state.log_history if "loss" in entry)
+    # the replay keeps the latest captions, at most discriminator_replay of them
+    assert several.replay == several.replay[-10:] and len(several.replay) == 10
+    assert several.replay[-len(several.finished_step.fakes):] == several.finished_step.fakes
+    # the further updates moved the discriminator (with one update a step, the two runs would be the same)
+    changed = [not torch.equal(a, b) for a, b in zip(one.discriminator.model.state_dict().values(),
+                                                      several.discriminator.model.state_dict().values())]
+    assert any(changed)
+    with pytest.raises(ValueError, match="discriminator_steps > 1"):
+        scst_config(tmp_path, discriminator_replay=10)
+
+
 def test_shuffled_control_rewards_each_caption_against_another_image(shapes_clip, tiny_tokenizer, tmp_path):
     trainer = make_trainer(shapes_clip, tiny_tokenizer, scst_config(tmp_path, shuffle_semantic_reward=True,
                                                                     baseline="mean"))
     features = torch.tensor(trainer.train_dataset["clip_features"][:3])
     captions = ["a red circle", "a blue square", "a small green triangle"]
-    trainer.advantages([c for c in captions for _ in range(2)], None, features, None)
-    against_next = trainer.rewards([c for c in captions for _ in range(2)],
-                                   features[[1, 1, 2, 2, 0, 0]])["clip_cos"]
-    assert trainer._reward_samples["reward_clip_cos"] == pytest.approx(against_next.tolist(), rel=1e-5)
+    texts = [c for c in captions for _ in range(2)]
+    rewards = trainer.caption_rewards(texts, features, None, torch.tensor([0, 0, 1, 1, 2, 2]))
+    against_next = trainer.rewards(texts, features[[1, 1, 2, 2, 0, 0]])["clip_cos"]
+    torch.testing.assert_close(rewards["clip_cos"], against_next)
     with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
         scst_config(tmp_path, shuffle_semantic_reward=True, per_device_train_batch_size=1)
 
@@ -856,7 +910,7 @@ def test_evaluation_reports_the_discriminators_accuracy_on_sentences_it_never_sa
     trainer = make_trainer(shapes_clip, tiny_tokenizer, config, evaluator=evaluator)
     corpus = corpus_table(shapes_clip)
     assert len(trainer.heldout_sentences) == len(corpus) // 4
-    streamed = set(trainer.real_sentences.take(0, len(trainer.real_sentences))["text"])
+    streamed = set(trainer.corpus_stream.take(0, len(trainer.corpus_stream))["text"])
     assert not streamed & set(trainer.heldout_sentences)
     assert streamed | set(trainer.heldout_sentences) == set(corpus["text"])
     trainer.train()

@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from dataprep import shapes
-from dataprep.shapes import ClipTraining, build_world, grounding_scores, parse_attributes
+from dataprep import shapes, world_clip
+from dataprep.world import build_world
+from dataprep.world_clip import ClipTraining
+from metrics import shapes_grounding, shapes_language
+from metrics.shapes_grounding import fluent_grounding, grounding_scores, is_true_of, parse_attributes, parses
 
 TINY = dict(n_clip_pretrain=48, n_train=12, n_val=6, n_test=10, n_in_domain=40, n_cross_domain=40,
             clip_training=ClipTraining(steps=3, batch_size=16, warmup_steps=1, tagging_steps=2), progress=False)
@@ -112,15 +115,15 @@ def test_generated_captions_are_true_of_their_scenes_in_every_style():
             captions[key], scenes[key] = shapes.describe(scene, style, shapes.PROFILES[profile], rng), scene
     scores = grounding_scores(captions, scenes)
     assert scores["precision"] == 1.0 and scores["captions_without_attributes"] == 0
-    assert all(scores["per_type"][kind]["precision"] == 1.0 for kind in shapes.ATTRIBUTE_TYPES)
+    assert all(scores["per_type"][kind]["precision"] == 1.0 for kind in shapes_language.ATTRIBUTE_TYPES)
 
 
 def test_every_phrase_of_the_grammar_parses_to_its_value():
-    for style, kinds in shapes.WORDS.items():
+    for style, kinds in shapes_language.WORDS.items():
         for kind, values in kinds.items():
             for value in values:
-                for words in shapes.alternatives(style, kind, value):
-                    phrase = shapes.frame(style, kind, value).format(words)
+                for words in shapes_language.alternatives(style, kind, value):
+                    phrase = shapes_language.frame(style, kind, value).format(words)
                     assert parse_attributes(phrase) == [(kind, value)], (style, phrase)
 
 
@@ -140,7 +143,7 @@ def test_saved_clip_loads_through_local_dir(world):
     model.eval()
     path = raw / "images" / "test" / "shapes_test_000000.png"
     pixels = preprocess(Image.open(path).convert("RGB")).unsqueeze(0)
-    seen_in_training = shapes._pixel_tensor(np.array(Image.open(path))[None], model.visual.preprocess_cfg)
+    seen_in_training = world_clip._pixel_tensor(np.array(Image.open(path))[None], model.visual.preprocess_cfg)
     assert torch.allclose(pixels, seen_in_training, atol=1e-6)
     dim = shapes.clip_model_config()["embed_dim"]
     with torch.no_grad():
@@ -235,7 +238,7 @@ def test_clip_training_lowers_the_loss():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, losses = shapes.train_tiny_clip(pixels, captions, ClipTraining(steps=40, batch_size=32, warmup_steps=5))
+        _, losses = world_clip.train_tiny_clip(pixels, captions, ClipTraining(steps=40, batch_size=32, warmup_steps=5))
     finally:
         torch.set_num_threads(threads)
     assert np.mean(losses[-8:]) < np.mean(losses[:4]) - 0.3
@@ -252,14 +255,14 @@ def _references(count, seed=3):
 
 def test_swapped_captions_are_false_and_differ_in_one_attribute_of_the_family():
     references, scenes = _references(150)
-    pairs = shapes.swap_pairs(references, scenes)
-    assert set(pairs) == set(shapes.SWAP_FAMILIES) and all(pairs[family] for family in shapes.SWAP_FAMILIES)
+    pairs = world_clip.swap_pairs(references, scenes)
+    assert set(pairs) == set(world_clip.SWAP_FAMILIES) and all(pairs[family] for family in world_clip.SWAP_FAMILIES)
     for family, found in pairs.items():
         for index, true, swapped in found:
             assert true in references[index] and true != swapped
             assert grounding_scores({"x": true}, {"x": scenes[index]})["precision"] == 1.0
-            assert not shapes._is_true_of(swapped, scenes[index]), (true, swapped)
-            before, after = shapes.parse_attributes(true), shapes.parse_attributes(swapped)
+            assert not is_true_of(swapped, scenes[index]), (true, swapped)
+            before, after = parse_attributes(true), parse_attributes(swapped)
             changed = [(old, new) for old, new in zip(before, after) if old != new]
             assert len(before) == len(after) and len(changed) == 1, (true, swapped)
             assert changed[0][0][0] == changed[0][1][0] == family, (true, swapped)
@@ -271,11 +274,11 @@ def test_swap_phrases_keep_the_caption_style():
     rng = random.Random(0)
     cross = "we see a big red disc left of a little blue box with stripes against a black backdrop."
     for family in ("shape", "size", "texture", "background", "relation"):
-        swapped = shapes.swap_attribute(cross, scene, family, rng)
-        assert swapped is not None and not shapes._is_true_of(swapped, scene), family
-    assert shapes.swap_attribute("a large red circle in the top left corner.", scene, "position", rng) \
+        swapped = world_clip.swap_attribute(cross, scene, family, rng)
+        assert swapped is not None and not is_true_of(swapped, scene), family
+    assert world_clip.swap_attribute("a large red circle in the top left corner.", scene, "position", rng) \
         .startswith("a large red circle ")
-    assert shapes.swap_attribute("a red circle.", scene, "relation", rng) is None
+    assert world_clip.swap_attribute("a red circle.", scene, "relation", rng) is None
 
 
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -286,8 +289,8 @@ def _oracle(blind=()):
     (shape, attribute, value) facts of its scene (that it states), relations as (shape, relation, shape). The
     families in `blind` are invisible to it (a blind shape also leaves the other facts unbound).
     Returns (encode_image(scene), encode_text(texts)), both L2-normalised."""
-    values = {kind: list(shapes.WORDS["in_domain"][kind]) for kind in shapes.ATTRIBUTE_TYPES}
-    bound = [*shapes.SHAPES, "*"]
+    values = {kind: list(shapes_language.WORDS["in_domain"][kind]) for kind in shapes_language.ATTRIBUTE_TYPES}
+    bound = [*shapes_language.SHAPES, "*"]
     facts = [("shape", value) for value in bound] + [("background", value) for value in values["background"]]
     facts += [(owner, kind, value) for owner in bound for kind in ("colour", "size", "texture", "position")
               for value in values[kind]]
@@ -301,8 +304,8 @@ def _oracle(blind=()):
     def vector(found):
         features = torch.zeros(len(index))
         for fact in found:
-            if not any(part in blind for part in fact[:-1] if part in shapes.ATTRIBUTE_TYPES) \
-                    and not (fact[0] in shapes.ATTRIBUTE_TYPES and fact[0] in blind):
+            if not any(part in blind for part in fact[:-1] if part in shapes_language.ATTRIBUTE_TYPES) \
+                    and not (fact[0] in shapes_language.ATTRIBUTE_TYPES and fact[0] in blind):
                 features[index[fact]] += 1
         return features / features.norm().clamp_min(1e-6)
 
@@ -318,7 +321,7 @@ def _oracle(blind=()):
         return vector(found)
 
     def encode_text(text):
-        items, found, last = shapes._chunk(shapes._mentions(text)), [], "*"
+        items, found, last = shapes_grounding._chunk(shapes_grounding.attribute_mentions(text)), [], "*"
         for position, (kind, value) in enumerate(items):
             if kind == "np":
                 last = owner(value.get("shape"))
@@ -339,29 +342,29 @@ def test_swap_test_passes_a_seeing_clip_and_fails_a_blind_one():
     references, scenes = _references(120)
     encode_image, encode_text = _oracle()
     images = torch.stack([encode_image(scene) for scene in scenes])
-    seeing = shapes.swap_test(images, encode_text, references, scenes)
-    assert all(seeing[family] >= 0.9 for family in shapes.SWAP_FAMILIES), seeing
-    assert seeing["min"] >= 0.9 and all(seeing["pairs"][family] > 0 for family in shapes.SWAP_FAMILIES)
-    assert seeing == shapes.swap_test(images, encode_text, references, scenes)  # seeded: the same pairs each time
+    seeing = world_clip.swap_test(images, encode_text, references, scenes)
+    assert all(seeing[family] >= 0.9 for family in world_clip.SWAP_FAMILIES), seeing
+    assert seeing["min"] >= 0.9 and all(seeing["pairs"][family] > 0 for family in world_clip.SWAP_FAMILIES)
+    assert seeing == world_clip.swap_test(images, encode_text, references, scenes)  # seeded: the same pairs each time
     for blind_to in ("texture", "shape", "relation"):
         encode_image, encode_text = _oracle(blind=(blind_to,))
         images = torch.stack([encode_image(scene) for scene in scenes])
-        blind = shapes.swap_test(images, encode_text, references, scenes)
+        blind = world_clip.swap_test(images, encode_text, references, scenes)
         assert blind[blind_to] == 0.5 == blind["min"], (blind_to, blind)
         if blind_to == "texture":  # nothing else depends on it
-            assert all(blind[family] == seeing[family] for family in shapes.SWAP_FAMILIES if family != "texture")
+            assert all(blind[family] == seeing[family] for family in world_clip.SWAP_FAMILIES if family != "texture")
 
 
 def test_world_reports_the_swap_test_and_modality_gap(world):
     raw, summary = world
     figures = summary["clip"]["validation"]
     assert "test" not in summary["clip"]  # every figure of the world's CLIP is measured on validation
-    assert set(shapes.SWAP_FAMILIES) <= set(figures["swap_test"]) and "swap_test" in summary["clip"]["definitions"]
-    shares = [figures["swap_test"][family] for family in shapes.SWAP_FAMILIES
+    assert set(world_clip.SWAP_FAMILIES) <= set(figures["swap_test"]) and "swap_test" in summary["clip"]["definitions"]
+    shares = [figures["swap_test"][family] for family in world_clip.SWAP_FAMILIES
               if figures["swap_test"][family] is not None]
     assert shares and all(0.0 <= share <= 1.0 for share in shares)
     assert json.loads((raw / "world.json").read_text())["clip"]["validation"]["swap_test"] == figures["swap_test"]
-    lines = shapes.clip_report(figures)
+    lines = world_clip.clip_report(figures)
     assert any("swap test" in line for line in lines) and any("modality gap" in line for line in lines)
     assert any("ViT-B/32" in line for line in lines)
 
@@ -371,9 +374,9 @@ def test_hard_negatives_are_false_of_their_scenes():
     for _ in range(100):
         scene = shapes.sample_scene(rng)
         caption = shapes.pretrain_caption(scene, rng)
-        negatives = shapes.hard_negative_captions(caption, scene, 3, rng)
+        negatives = world_clip.hard_negative_captions(caption, scene, 3, rng)
         assert len(negatives) == 3
-        assert all(not shapes._is_true_of(negative, scene) for negative in negatives), (caption, negatives)
+        assert all(not is_true_of(negative, scene) for negative in negatives), (caption, negatives)
 
 
 def _swapped_family(caption, negative):
@@ -389,7 +392,7 @@ def test_hard_negative_families_follow_their_weights():
                               "position": "left"}], "relation": None, "background": "dark"}
         caption = "a small red circle on the left."
         for name, weights in (("even", None), ("weighted", {"shape": 8.0})):
-            negatives = shapes.hard_negative_captions(caption, scene, 4, rng, weights)
+            negatives = world_clip.hard_negative_captions(caption, scene, 4, rng, weights)
             counts[name] += sum("shape" in _swapped_family(caption, negative) for negative in negatives)
     # 4 families (size, colour, shape, position): a share of 1/4 evenly, 8/11 with shape weighted 8
     assert counts["even"] / 600 == pytest.approx(0.25, abs=0.06)
@@ -401,7 +404,7 @@ def test_relation_negatives_reverse_the_relation_half_the_time():
                          {"colour": "blue", "shape": "cross", "size": "large", "texture": "solid",
                           "position": "right"}], "relation": "left of", "background": "gray"}
     caption = "a red circle to the left of a blue cross."
-    negatives = shapes.hard_negative_captions(caption, scene, 600, random.Random(0), {"relation": 1e6})
+    negatives = world_clip.hard_negative_captions(caption, scene, 600, random.Random(0), {"relation": 1e6})
     assert {"a red circle to the right of a blue cross.", "a red circle above a blue cross.",
             "a red circle below a blue cross."} == set(negatives)
     # half are the opposite, half any of the 3 false relations (the opposite among them)
@@ -413,8 +416,8 @@ def test_scene_tags_bind_attributes_to_their_cell():
     scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "texture": "solid", "position": "left"},
                          {"colour": "blue", "shape": "cross", "size": "large", "texture": "dotted",
                           "position": "right"}], "relation": "left of", "background": "gray"}
-    tags = shapes.scene_tags([scene])[0]
-    named = {shapes.SCENE_TAGS[n] for n in tags.nonzero().flatten().tolist()}
+    tags = world_clip.scene_tags([scene])[0]
+    named = {world_clip.SCENE_TAGS[n] for n in tags.nonzero().flatten().tolist()}
     assert named == {("background", "gray"), ("left", "colour", "red"), ("left", "shape", "circle"),
                      ("left", "size", "small"), ("left", "texture", "solid"), ("right", "colour", "blue"),
                      ("right", "shape", "cross"), ("right", "size", "large"), ("right", "texture", "dotted")}
@@ -425,10 +428,10 @@ def test_scene_tagging_teaches_the_vision_tower():
     scenes = [shapes.sample_scene(rng) for _ in range(64)]
     pixels = np.stack([shapes.render_scene(scene, pixel_rng)[0] for scene in scenes])
     torch.manual_seed(0)
-    visual = shapes.new_tiny_clip().visual
+    visual = world_clip.new_tiny_clip().visual
     before = [p.detach().clone() for p in visual.parameters()]
-    images = shapes._pixel_tensor(pixels, visual.preprocess_cfg)
-    losses = shapes.train_scene_tagger(visual, images, scenes, ClipTraining(tagging_steps=30, batch_size=32,
+    images = world_clip._pixel_tensor(pixels, visual.preprocess_cfg)
+    losses = world_clip.train_scene_tagger(visual, images, scenes, ClipTraining(tagging_steps=30, batch_size=32,
                                                                             warmup_steps=3),
                                        torch.Generator().manual_seed(0), progress=False)
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.2
@@ -440,19 +443,19 @@ def test_pair_loss_ranks_each_caption_against_its_own_negatives():
     image, text = (torch.nn.functional.normalize(torch.randn(3, 8), dim=1) for _ in range(2))
     negatives = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)  # two per image, image-major
     scale = torch.tensor(10.0)
-    plain = shapes._contrastive_loss(image, text, negatives, scale)
-    with_pairs = shapes._contrastive_loss(image, text, negatives, scale, pair_loss_weight=0.5)
+    plain = world_clip._contrastive_loss(image, text, negatives, scale)
+    with_pairs = world_clip._contrastive_loss(image, text, negatives, scale, pair_loss_weight=0.5)
     own = [torch.cat([image[b] @ text[b, None].T, image[b] @ negatives[2 * b:2 * b + 2].T]) for b in range(3)]
     by_hand = torch.stack([-torch.log_softmax(scale * logits, 0)[0] for logits in own]).mean()
     assert with_pairs == pytest.approx((plain + 0.5 * by_hand).item(), rel=1e-5)
     # another image's negatives are no part of an image's own ranking
     shuffled = negatives.view(3, 2, 8)[[1, 2, 0]].reshape(6, 8)
-    assert shapes._contrastive_loss(image, text, shuffled, scale, 0.5) != pytest.approx(with_pairs.item(), rel=1e-5)
+    assert world_clip._contrastive_loss(image, text, shuffled, scale, 0.5) != pytest.approx(with_pairs.item(), rel=1e-5)
 
 
 def test_fresh_tiny_clip_claims_no_failed_load(caplog):
     with caplog.at_level("INFO"):
-        model = shapes.new_tiny_clip()
+        model = world_clip.new_tiny_clip()
     assert not [record for record in caplog.records if record.levelname in ("WARNING", "ERROR")]
     assert open_clip.get_model_preprocess_cfg(model)["size"] == shapes.IMAGE_SIZE
 
@@ -479,10 +482,11 @@ def test_shipped_clips_fit_the_default_world(tmp_path):
     """The CLIPs shipped with the code were trained on the pretraining pairs the default world draws today: a change
     to scenes, rendering or captions without retraining them would make every default run train for minutes."""
     sizes = {"clip_pretrain": 10000, "train": 1, "val": 1, "test": 1}
-    captions, pixels, _ = shapes._build_image_splits(tmp_path, 0, sizes, 1, lambda line: None)
-    for recipe, settings in shapes.CLIP_RECIPES.items():
-        record = shapes.clip_training_record(recipe, settings, 0, 1, pixels["clip_pretrain"], captions["clip_pretrain"])
-        assert shapes.shipped_clip(record, shapes.SHIPPED_CLIPS) == shapes.SHIPPED_CLIPS / recipe, recipe
+    captions, pixels, _ = shapes.build_image_splits(tmp_path, 0, sizes, 1, lambda line: None)
+    for recipe, settings in world_clip.CLIP_RECIPES.items():
+        record = world_clip.clip_training_record(recipe, settings, 0, 1, pixels["clip_pretrain"],
+                                                 captions["clip_pretrain"])
+        assert world_clip.shipped_clip(record, world_clip.SHIPPED_CLIPS) == world_clip.SHIPPED_CLIPS / recipe, recipe
 
 
 def test_build_says_what_it_does(tmp_path, capsys, caplog):
@@ -503,7 +507,7 @@ def test_every_sentence_the_world_writes_parses():
         scene = shapes.sample_scene(rng)
         for sentence in (*shapes.reference_captions(scene, rng), shapes.corpus_sentence(scene, "cross_domain", rng),
                          shapes.pretrain_caption(scene, rng)):
-            assert shapes.parses(sentence), sentence
+            assert parses(sentence), sentence
 
 
 @pytest.mark.parametrize("caption", [
@@ -517,7 +521,7 @@ def test_every_sentence_the_world_writes_parses():
     "we see a red disc on a dark background.",  # one style's frame around the other style's words
 ])
 def test_captions_out_of_the_grammar_do_not_parse(caption):
-    assert not shapes.parses(caption)
+    assert not parses(caption)
 
 
 SCENE_PAIR = {"objects": [
@@ -534,22 +538,22 @@ SCENE_PAIR = {"objects": [
     ("a red circle and a red square.", "red circle a and a red square."),
 ])
 def test_fluent_grounding_scores_repetition_and_disorder_below_the_clean_caption(clean, disfluent):
-    clean_precision, clean_recall = shapes.fluent_grounding(clean, SCENE_PAIR)
-    precision, recall = shapes.fluent_grounding(disfluent, SCENE_PAIR)
-    assert shapes.parses(clean) and clean_precision == 1.0
+    clean_precision, clean_recall = fluent_grounding(clean, SCENE_PAIR)
+    precision, recall = fluent_grounding(disfluent, SCENE_PAIR)
+    assert parses(clean) and clean_precision == 1.0
     assert precision < clean_precision and recall <= clean_recall
     # the plain grounding score barely sees it: each true mention counts again, out of grammar or not
-    plain = shapes.grounding_scores({"x": disfluent}, {"x": SCENE_PAIR})
+    plain = grounding_scores({"x": disfluent}, {"x": SCENE_PAIR})
     assert plain["precision"] > 0.9 > precision and plain["recall"] >= clean_recall
 
 
 def test_shared_attributes_of_two_objects_are_two_facts():
-    assert shapes.fluent_grounding("a red circle and a red square.", SCENE_PAIR)[0] == 1.0
+    assert fluent_grounding("a red circle and a red square.", SCENE_PAIR)[0] == 1.0
     two_triangles = {"objects": [
         {"colour": "yellow", "shape": "triangle", "size": "large", "texture": "solid", "position": "top"},
         {"colour": "purple", "shape": "triangle", "size": "large", "texture": "solid", "position": "center"}],
         "relation": "above", "background": "dark"}
-    assert shapes.fluent_grounding("a large yellow triangle above a large purple triangle.", two_triangles)[0] == 1.0
+    assert fluent_grounding("a large yellow triangle above a large purple triangle.", two_triangles)[0] == 1.0
 
 
 def test_grounding_scores_report_parse_rate_and_fluent_scores():
@@ -566,6 +570,6 @@ def test_world_records_its_clip_recipe_and_is_rebuilt_for_another(world, tmp_pat
     _, summary = world
     assert summary["clip"]["recipe"] == "sighted"
     assert _world_matches(summary, 0, {}, "sighted") and not _world_matches(summary, 0, {}, "plain")
-    assert shapes.CLIP_RECIPES["plain"].tagging_steps == 0 and shapes.CLIP_RECIPES["plain"].hard_negatives == 0
+    assert world_clip.CLIP_RECIPES["plain"].tagging_steps == 0 and world_clip.CLIP_RECIPES["plain"].hard_negatives == 0
     with pytest.raises(ValueError, match="clip must be one of"):
         build_world(tmp_path / "w", clip="oracle", **TINY)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_scstclipcap import CaptioningClip, encode_texts, read_clip_metadata
+from clip_scstclipcap import CaptioningClip, read_clip_metadata
 from tools import captions_page, curves
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def scst_history(last_step: int) -> list[dict]:
     history = [{"step": step, "loss": -0.01 * step, "policy_loss": -0.01 * step, "discriminator_loss": 0.7,
                 "discriminator_accuracy_real": 0.5 + step / 40, "discriminator_accuracy_fake": 0.6,
                 "reward": float(rng.normal()), "reward_greedy": float(rng.normal()),
-                "reward_clip_cos": 20 + step, "reward_naturalness": 0.4, "reward_weight": min(0.5, step / 10),
+                "reward_clip_cos": 20 + step, "reward_naturalness": 0.4, "semantic_share": min(0.5, step / 10),
                 "caption_length": 9.5, "distinct_1": 0.1, "distinct_2": 0.2, "repeated_word_share": 0.0,
                 "same_caption_share": 0.3} for step in range(1, last_step + 1)]
     return history + [{"step": step, "eval_cider": 2.0 + step / 100, "eval_attribute_precision": 0.9}
@@ -101,7 +101,7 @@ def images(tmp_path, clip_name) -> tuple[str, Path]:
         pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images_dir / "test" / f"{image_id}.png")
     clip = CaptioningClip.load(clip_name)
-    features = encode_texts(clip.model, clip.tokenizer, [INIT_CAPTIONS[image_id] for image_id in IMAGE_IDS])
+    features = clip.encode_text([INIT_CAPTIONS[image_id] for image_id in IMAGE_IDS])
     table = datasets.Dataset.from_dict(
         {"image_id": IMAGE_IDS, "file_name": [f"test/{image_id}.png" for image_id in IMAGE_IDS],
          "clip_features": features.tolist(),
@@ -132,7 +132,7 @@ def test_training_curves_of_a_run_folder(run_dir, tmp_path):
     assert_png_drawn(output, min_width=1000, min_height=600)
     titles = panel_titles(run_dir)
     for title in ("loss", "init loss terms", "policy loss", "discriminator loss", "discriminator accuracy",
-                  "reward (samples vs greedy)", "CLIP-cos reward", "naturalness reward", "semantic weight w",
+                  "reward (samples vs greedy)", "CLIP-cos reward", "naturalness reward", "semantic share w",
                   "sampled caption length (words)", "sampled caption diversity", "learning rate", "validation CIDEr",
                   "validation attributes"):
         assert title in titles

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, Features
 from PIL import Image
 
-from clip_scstclipcap import CaptioningClip, encode_images, encode_texts, read_clip_metadata
+from clip_scstclipcap import CaptioningClip, read_clip_metadata
 from conftest import TINY_CLIP, make_tiny_clip
 from dataprep.common import table_description
 from dataprep.tables import TableWriter, corpus_features, feature_column, feature_matrix, images_features, load_table
@@ -54,12 +54,12 @@ def tables(tmp_path_factory, loaded_clip):
     file_names = [f"test/image_{index}.png" for index in range(NUM_IMAGES)]
     for index, file_name in enumerate(file_names):
         blob_image(index).save(images_dir / file_name)
-    image_features = encode_images(loaded_clip.model, loaded_clip.preprocess, [images_dir / n for n in file_names])
+    image_features = loaded_clip.encode_images([images_dir / n for n in file_names])
     with TableWriter(root / "images", images_features(DIM), table_description("images", loaded_clip.metadata)) as w:
         w.write({"image_id": [f"image_{index}" for index in range(NUM_IMAGES)], "file_name": file_names,
                  "clip_features": image_features.numpy(), "references": [[] for _ in file_names]})
         w.finish()
-    text_features = encode_texts(loaded_clip.model, loaded_clip.tokenizer, SENTENCES)
+    text_features = loaded_clip.encode_text(SENTENCES)
     with TableWriter(root / "corpus", corpus_features(DIM), table_description("corpus", loaded_clip.metadata)) as w:
         w.write({"text": SENTENCES, "clip_features": text_features.numpy(), "source": ["text"] * len(SENTENCES)})
         w.finish()
@@ -232,7 +232,7 @@ def test_prefix_page_feeds_a_raw_reading_model_raw_embeddings(tmp_path, tables, 
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
     paths = [tables["images_dir"] / f"test/image_{index}.png" for index in range(2)]
-    raw = encode_images(loaded_clip.model, loaded_clip.preprocess, paths, normalize=False)
+    raw = loaded_clip.encode_images(paths, normalize=False)
     with TableWriter(tmp_path / "images", images_features(DIM, with_norms=True),
                      table_description("images", loaded_clip.metadata)) as writer:
         writer.write({"image_id": ["image_0", "image_1"], "file_name": [str(path) for path in paths],
@@ -328,14 +328,14 @@ def test_fictitious_table_round_trips_with_its_clip_metadata(tmp_path, tables, l
 
 
 def test_synthesis_raises_the_cosine_with_the_target(loaded_clip):
-    targets = encode_images(loaded_clip.model, loaded_clip.preprocess, [blob_image(11), blob_image(12)])
+    targets = loaded_clip.encode_images([blob_image(11), blob_image(12)])
     results = synthesize_images(loaded_clip, targets, SynthesisSettings(steps=25, augmentations=4, seed=0))
     for target, result in zip(targets, results):
         assert result.image.size == (32, 32) and len(result.history) == 25
         assert result.final_cosine > result.start_cosine + 0.05
         assert np.mean(result.history[-5:]) > np.mean(result.history[:5])
         # The reported cosine is that of the saved 8-bit image, through the CLIP's own preprocessing.
-        again = encode_images(loaded_clip.model, loaded_clip.preprocess, [result.image])[0]
+        again = loaded_clip.encode_images([result.image])[0]
         assert float(again @ target) == pytest.approx(result.final_cosine, abs=1e-5)
 
 

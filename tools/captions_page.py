@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataprep.shapes import caption_grounding  # noqa: E402
+from metrics import caption_grounding  # noqa: E402
 from tools.curves import TEST_PREDICTIONS, read_json, read_predictions, stage_dirs  # noqa: E402
 
 EMBEDDED_MAX_SIDE = 384  # pixels; larger photos are shrunk so the page stays a few MB

@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_scstclipcap import CaptioningClip, check_clip_metadata, encode_texts, read_clip_metadata  # noqa: E402
+from clip_scstclipcap import CaptioningClip, check_clip_metadata, read_clip_metadata  # noqa: E402
 
 STAGE_ORDER = ("init", "scst", "supervised")
 TEST_PREDICTIONS = Path("final/test_predictions/predictions-step-0.json")
@@ -57,7 +57,7 @@ PANELS = (
     Panel("CLIP-agg cos reward", ("reward_agg_cos",)),
     Panel("CLIP-agg L1 reward", ("reward_agg_l1",)),
     Panel("naturalness reward", ("reward_naturalness",)),
-    Panel("semantic weight w", ("reward_weight",)),
+    Panel("semantic share w", ("semantic_share",)),
     Panel("advantage std", ("advantage_std",)),
     Panel("sampled caption length (words)", ("caption_length",)),
     Panel("sampled caption diversity", ("distinct_1", "distinct_2", "repeated_word_share", "same_caption_share")),
@@ -360,7 +360,7 @@ def caption_similarities(predictions: dict[str, str], images_table: str, where: 
     check_clip_metadata(clip.metadata, expected, f"the images table {images_table}")
     ids = list(predictions)
     images = np.array(table.select([position[image_id] for image_id in ids])["clip_features"], dtype=np.float32)
-    texts = encode_texts(clip.model, clip.tokenizer, [predictions[image_id] for image_id in ids]).numpy()
+    texts = clip.encode_text([predictions[image_id] for image_id in ids]).numpy()
     return (texts * images).sum(axis=1)
 
 

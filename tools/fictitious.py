@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clip_scstclipcap import CaptioningClip, encode_images, model_reads, read_clip_metadata  # noqa: E402
+from clip_scstclipcap import CaptioningClip, model_reads, read_clip_metadata  # noqa: E402
 from dataprep.common import table_description  # noqa: E402
 from dataprep.tables import feature_column, feature_matrix, iter_feature_chunks, load_table, save_table  # noqa: E402
 from tools.captions_page import png_data_uri  # noqa: E402
@@ -247,10 +247,6 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def _preprocessed_features(clip: CaptioningClip, pictures: list[Image.Image]) -> torch.Tensor:
-    return encode_images(clip.model, clip.preprocess, pictures, device=clip.device)
-
-
 def _synthesize_batch(clip: CaptioningClip, targets: torch.Tensor, settings: SynthesisSettings,
                       generator: torch.Generator) -> list[SynthesisResult]:
     preprocess_cfg = open_clip.get_model_preprocess_cfg(clip.model)
@@ -272,8 +268,9 @@ def _synthesize_batch(clip: CaptioningClip, targets: torch.Tensor, settings: Syn
         optimizer.step()
         history.append(per_image.detach().cpu())
     final_pictures = [_to_pil(image) for image in images()]
-    start_cosines = (_preprocessed_features(clip, start_pictures) * targets.cpu()).sum(-1)
-    final_features = _preprocessed_features(clip, final_pictures)
+    # The cosines reported are those of the 8-bit pictures saved, through the CLIP's own preprocessing.
+    start_cosines = (clip.encode_images(start_pictures) * targets).sum(-1).cpu()
+    final_features = clip.encode_images(final_pictures).cpu()
     final_cosines = (final_features * targets.cpu()).sum(-1)
     steps = torch.stack(history).T.tolist() if history else [[] for _ in final_pictures]
     return [SynthesisResult(picture, float(start), float(final), trace, features)

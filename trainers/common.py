@@ -16,6 +16,9 @@ from metrics import compute_coco_metrics
 from . import checkpoints
 
 
+MMD_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0)
+
+
 @dataclass
 class CaptionConfig(TrainingArguments):
     r"""What every training stage of a captioner shares (its MMD term, its evaluation by captioning); each stage's
@@ -30,7 +33,7 @@ class CaptionConfig(TrainingArguments):
                   "aliases": ["--lambda2"]},
     )
     mmd_bandwidths: list[float] = field(
-        default_factory=lambda: [0.5, 1.0, 2.0, 4.0],
+        default_factory=lambda: list(MMD_BANDWIDTHS),
         metadata={"help": "RBF bandwidths of the MMD kernel, as multiples of the median pairwise distance."},
     )
 
@@ -55,8 +58,13 @@ class CaptionConfig(TrainingArguments):
             raise ValueError(f"mmd_weight must be >= 0 (0 turns it off), got {self.mmd_weight}.")
         if not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0:
             raise ValueError(f"mmd_bandwidths must be positive numbers, got {self.mmd_bandwidths}.")
-        if self.eval_num_beams < 1 or self.eval_max_new_tokens < 1:
-            raise ValueError("eval_num_beams and eval_max_new_tokens must be >= 1.")
+        check_caption_generation(self)
+
+
+def check_caption_generation(config):
+    """Refuse evaluation settings (of a [`CaptionConfig`] or the eval stage's config) that caption nothing."""
+    if config.eval_num_beams < 1 or config.eval_max_new_tokens < 1:
+        raise ValueError("eval_num_beams and eval_max_new_tokens must be >= 1.")
 
 
 def pad_right(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

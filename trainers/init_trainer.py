@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback
 
-from .common import CaptionCollator, CaptionConfig, CaptionEvaluator, CaptionTrainer, mmd_rbf
+from .common import MMD_BANDWIDTHS, CaptionCollator, CaptionConfig, CaptionEvaluator, CaptionTrainer, mmd_rbf
 
 
 @dataclass
 class InitConfig(CaptionConfig):
-    r"""Settings of the text-only initialization stage (also the supervised bound's); the shared ones are
-    [`CaptionConfig`]'s."""
+    r"""Settings of the text-only initialization stage; the supervised bound's, [`SupervisedConfig`], are these
+    without the text-only terms. The shared ones are [`CaptionConfig`]'s."""
 
     # Text-only reconstruction
     noise_std: float = field(
@@ -69,6 +69,21 @@ class InitConfig(CaptionConfig):
                              "and load_best_model_at_end.")
 
 
+@dataclass
+class SupervisedConfig(InitConfig):
+    r"""Settings of the supervised upper bound: plain ClipCap training on the true (image, reference) pairs of the
+    train table. The text-only terms of [`InitConfig`] are off and no settings of it."""
+
+    noise_std: float = field(default=0.0, init=False, metadata={"help": "No noise: the features are the images'."})
+    pseudo_pair_weight: float = field(
+        default=0.0, init=False, metadata={"help": "No pseudo pairs: every pair is a true one."}
+    )
+    mmd_weight: float = field(default=0.0, init=False, metadata={"help": "No MMD: the prefixes are the images'."})
+    mmd_bandwidths: list[float] = field(
+        default_factory=lambda: list(MMD_BANDWIDTHS), init=False, metadata={"help": "Unused without the MMD term."}
+    )
+
+
 class InitTrainingData(Dataset):
     """Corpus rows, each joined with a pseudo pair and an unpaired image (cycled) for the extra terms."""
 
@@ -96,7 +111,7 @@ class InitTrainer(CaptionTrainer):
 
     Args:
         model: the captioner.
-        args: [`InitConfig`].
+        args: [`InitConfig`] ([`SupervisedConfig`] for the supervised bound).
         corpus: table with `text` and `clip_features` (CLIP text embeddings).
         processing_class: the caption tokenizer (saved with every checkpoint).
         pseudo_pairs: table with `text` and `clip_features` (image embeddings); needed when `pseudo_pair_weight > 0`.

@@ -13,7 +13,7 @@ The semantic reward is their weighted sum. The text tower comes from the caption
 (`clip_model_name`, `clip_pretrained`) and stays frozen; [`ClipTextEncoder`] runs it on the positions the captions
 use rather than on CLIP's whole context where that gives the same features (CLIP-S in evaluation uses it too).
 
-    >>> rewards = ClipRewards.from_model_config(model.config, SemanticWeights(clip_cos=0.5, agg_cos=0.5))
+    >>> rewards = ClipRewards.from_model_config(model.config, SemanticRewardWeights(clip_cos=0.5, agg_cos=0.5))
     >>> rewards(["a red circle."], image_features, agg_features)["semantic"]
 """
 
@@ -26,7 +26,7 @@ from clip_scstclipcap import CaptioningClip
 
 
 @dataclass(frozen=True)
-class SemanticWeights:
+class SemanticRewardWeights:
     """Weight of each CLIP score in the semantic reward; a score at weight 0 is still computed and logged."""
 
     clip_cos: float = 1.0
@@ -44,7 +44,7 @@ class SemanticWeights:
 
 
 def semantic_scores(text_features: torch.Tensor, image_features: torch.Tensor, agg_features: torch.Tensor | None,
-                    weights: SemanticWeights, logit_scale: float) -> dict[str, torch.Tensor]:
+                    weights: SemanticRewardWeights, logit_scale: float) -> dict[str, torch.Tensor]:
     """CLIP scores of N captions, one (N,) tensor each: `clip_cos`, `agg_cos` and `agg_l1` (when `agg_features` are
     given) and their weighted sum `semantic`. Inputs are (N, D) CLIP embeddings, normalised here."""
     if weights.needs_aggregates and agg_features is None:
@@ -67,7 +67,7 @@ class ClipRewards:
         weights: weights of the three CLIP scores.
     """
 
-    def __init__(self, clip: CaptioningClip, weights: SemanticWeights = SemanticWeights()):
+    def __init__(self, clip: CaptioningClip, weights: SemanticRewardWeights = SemanticRewardWeights()):
         if clip.metadata.get("logit_scale") is None:
             raise ValueError(f"CLIP {clip.metadata['model_name']} has no logit scale to scale the rewards with.")
         self.clip = clip
@@ -76,7 +76,7 @@ class ClipRewards:
         self.encode_text = clip.text_encoder
 
     @classmethod
-    def from_model_config(cls, config, weights: SemanticWeights = SemanticWeights(),
+    def from_model_config(cls, config, weights: SemanticRewardWeights = SemanticRewardWeights(),
                           device: str | torch.device = "cpu") -> "ClipRewards":
         """The CLIP the captioner's config refers to (`clip_model_name`, `clip_pretrained`), loaded frozen."""
         return cls(CaptioningClip.load(config.clip_model_name, config.clip_pretrained, device), weights)

@@ -11,8 +11,8 @@ Every step, on a batch of unpaired images (`SCSTTrainer.training_step` reads top
    the image's other samples (Luo); each advantage is divided by its scale ([`AdvantageScales`]: its root mean square
    over the micro-batch, a running one over steps, or 1 for CgT-GAN's raw-scale mix), and the two are mixed as
    w * semantic + (1 - w) * naturalness, so that w is the semantic share of the advantage whatever the rewards'
-   scales; w is 0 for `gan_training_steps` steps, then ramps (linearly, or at once) over `gan_warm_steps` steps up
-   to `reward_weight`;
+   scales; w is 0 for `naturalness_only_steps` steps, then ramps (linearly, or at once) over `semantic_ramp_steps`
+   steps up to `semantic_share`;
 4. one teacher-forced pass of the samples through the wrapped model gives their token log-probabilities under the
    sampling distribution (the same temperature / top-k / top-p warpers applied to the scored logits), and
    loss = -sum(advantage * log p(token)) / number of caption tokens (a mean over the micro-batch's caption tokens,
@@ -20,7 +20,9 @@ Every step, on a batch of unpaired images (`SCSTTrainer.training_step` reads top
    the processes then average these means), plus an optional MMD term
    between the mapped image prefixes and the mapped prefixes of real corpus sentences;
 5. the discriminator learns, by binary cross-entropy, the step's sampled captions (fake) from as many corpus
-   sentences (real), and takes its optimizer step together with the captioner's.
+   sentences (real), and takes its optimizer step together with the captioner's; with `discriminator_steps` > 1 it
+   then takes further updates on fresh corpus sentences and captions drawn from the step's samples and a replay of
+   earlier steps' (`discriminator_replay`).
 
 A step whose rewards, losses or gradient norms are not finite (on any process) is skipped by both networks: their
 gradients are dropped before the optimizer steps, a warning says why, and `skipped_steps` counts it. Under DeepSpeed
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from transformers import (
     LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TrainerCallback,
     TrainingArguments,
@@ -47,7 +49,7 @@ from clip_scstclipcap import check_clip_metadata, read_clip_metadata
 
 from .common import CaptionConfig, CaptionEvaluator, CaptionTrainer, caption_statistics, mmd_rbf
 from .discriminator import Discriminator
-from .rewards import ClipRewards, SemanticWeights
+from .rewards import ClipRewards, SemanticRewardWeights
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ RAMPS = ("linear", "constant")
 ADVANTAGE_SCALINGS = ("batch_rms", "running_rms", "none")
 DISCRIMINATOR_FOLDER = "discriminator"
 REWARD_SAMPLES_FILE = "rewards.jsonl"
+REWARD_KINDS = ("semantic", "naturalness")
 STEP_PROBLEMS = ("rewards", "loss", "generator gradients", "discriminator gradients")
 
 
@@ -97,22 +100,26 @@ class SCSTConfig(CaptionConfig):
     )
 
     # Mixing semantic and naturalness rewards
-    reward_weight: float = field(
+    semantic_share: float = field(
         default=0.5,
         metadata={"help": "Final share w of the semantic reward in the advantage; the discriminator's gets 1 - w. Each "
-                          "reward's advantage is divided by its root mean square over the micro-batch before mixing, "
-                          "so w is a share whatever the rewards' scales."},
+                          "reward's advantage is put on one scale first (advantage_scaling), so that w is a share "
+                          "whatever the rewards' scales.", "aliases": ["--reward_weight"]},
     )
-    gan_training_steps: int = field(
-        default=0, metadata={"help": "Steps trained on the naturalness reward alone (w = 0) at the start."}
+    naturalness_only_steps: int = field(
+        default=0,
+        metadata={"help": "Steps trained on the naturalness reward alone (w = 0) at the start (CgT-GAN: 150).",
+                  "aliases": ["--gan_training_steps"]},
     )
-    gan_warm_steps: int = field(
-        default=0, metadata={"help": "Steps over which w then ramps linearly up to reward_weight."}
+    semantic_ramp_steps: int = field(
+        default=0,
+        metadata={"help": "Steps over which w then ramps linearly up to semantic_share (the seed's --gan_warm_steps).",
+                  "aliases": ["--gan_warm_steps"]},
     )
-    reward_ramp: str = field(
+    semantic_ramp: str = field(
         default="linear",
-        metadata={"help": "linear: ramp w over gan_warm_steps; constant: w = reward_weight as soon as the "
-                          "naturalness-only steps are over.", "choices": RAMPS},
+        metadata={"help": "linear: ramp w over semantic_ramp_steps; constant: w = semantic_share as soon as the "
+                          "naturalness-only steps are over.", "choices": RAMPS, "aliases": ["--reward_ramp"]},
     )
     advantage_scaling: str = field(
         default="batch_rms",
@@ -149,12 +156,28 @@ class SCSTConfig(CaptionConfig):
     discriminator_lr_scheduler_type: str = field(
         default="constant", metadata={"help": "Discriminator scheduler (a transformers scheduler name)."}
     )
-    discriminator_warmup_steps: int = field(default=0, metadata={"help": "Discriminator warm-up steps."})
+    discriminator_warmup_steps: int = field(
+        default=0, metadata={"help": "Discriminator warm-up, in its updates (discriminator_steps per captioner step)."}
+    )
     discriminator_max_grad_norm: float = field(
         default=1.0, metadata={"help": "Discriminator gradient clipping (0 turns it off)."}
     )
     discriminator_max_length: int = field(
         default=40, metadata={"help": "Discriminator tokens per sentence; longer sentences are cut."}
+    )
+    discriminator_steps: int = field(
+        default=1,
+        metadata={"help": "Discriminator updates per captioner step. The first learns the step's samples (fake) from "
+                          "as many corpus sentences (real); each further one draws as many corpus sentences and as many "
+                          "captions from the step's samples and the replayed ones of earlier steps "
+                          "(discriminator_replay), so that the discriminator keeps up with a drifting captioner and "
+                          "does not forget the faults it was shown. One update a step lets a from-scratch "
+                          "discriminator be gamed (docs/shapes_quality.md)."},
+    )
+    discriminator_replay: int = field(
+        default=0,
+        metadata={"help": "Captions of earlier steps kept (the latest, gathered from every process) for the further "
+                          "discriminator updates to draw fakes from; 0: the step's own samples only."},
     )
     discriminator_heldout_share: float = field(
         default=0.05,
@@ -175,12 +198,19 @@ class SCSTConfig(CaptionConfig):
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}.")
         if self.baseline == "mean" and self.num_samples < 2:
             raise ValueError("the mean baseline averages the other samples of an image: set num_samples >= 2.")
-        if self.reward_ramp not in RAMPS:
-            raise ValueError(f"reward_ramp must be one of {RAMPS}, got {self.reward_ramp!r}.")
-        if not 0 <= self.reward_weight <= 1:
-            raise ValueError(f"reward_weight must lie in [0, 1], got {self.reward_weight}.")
+        if self.semantic_ramp not in RAMPS:
+            raise ValueError(f"semantic_ramp must be one of {RAMPS}, got {self.semantic_ramp!r}.")
+        if not 0 <= self.semantic_share <= 1:
+            raise ValueError(f"semantic_share must lie in [0, 1], got {self.semantic_share}.")
         if self.advantage_scaling not in ADVANTAGE_SCALINGS:
             raise ValueError(f"advantage_scaling must be one of {ADVANTAGE_SCALINGS}, got {self.advantage_scaling!r}.")
+        if self.discriminator_steps < 1:
+            raise ValueError(f"discriminator_steps must be >= 1, got {self.discriminator_steps}.")
+        if self.discriminator_replay < 0:
+            raise ValueError(f"discriminator_replay must be >= 0, got {self.discriminator_replay}.")
+        if self.discriminator_replay and self.discriminator_steps == 1:
+            raise ValueError("replayed captions are drawn by the discriminator's further updates only: set "
+                             "discriminator_steps > 1, or discriminator_replay 0.")
         if not 0 <= self.discriminator_heldout_share < 1:
             raise ValueError(f"discriminator_heldout_share must lie in [0, 1), got {self.discriminator_heldout_share}.")
         if not 0 <= self.advantage_scale_momentum < 1:
@@ -188,7 +218,7 @@ class SCSTConfig(CaptionConfig):
         if self.shuffle_semantic_reward and self.per_device_train_batch_size < 2:
             raise ValueError("shuffle_semantic_reward pairs each caption with another image of its micro-batch: set "
                              "per_device_train_batch_size >= 2.")
-        for name in ("gan_training_steps", "gan_warm_steps", "discriminator_warmup_steps"):
+        for name in ("naturalness_only_steps", "semantic_ramp_steps", "discriminator_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.max_new_tokens < 1:
@@ -196,23 +226,22 @@ class SCSTConfig(CaptionConfig):
         if self.fp16 or self.mixed_precision == "fp16":
             raise ValueError("the scst stage trains two networks, which fp16's single loss scaler does not cover: use "
                              "bf16 or full precision.")
-        SemanticWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)  # raises on bad weights
+        self.semantic_reward_weights  # raises on bad weights
 
     @property
-    def semantic_weights(self) -> SemanticWeights:
-        return SemanticWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)
+    def semantic_reward_weights(self) -> SemanticRewardWeights:
+        return SemanticRewardWeights(self.clip_cos_weight, self.agg_cos_weight, self.agg_l1_weight)
 
-
-def semantic_weight_at(step: int, reward_weight: float, gan_training_steps: int, gan_warm_steps: int,
-                       ramp: str = "linear") -> float:
-    """w at the step with 0-based index `step`: 0 for the first `gan_training_steps` steps, then reward_weight * i /
-    gan_warm_steps on the i-th step after them (linear) or reward_weight at once (constant, or no warm steps)."""
-    steps_after = step - gan_training_steps + 1
-    if steps_after <= 0:
-        return 0.0
-    if ramp == "constant" or gan_warm_steps == 0:
-        return reward_weight
-    return reward_weight * min(1.0, steps_after / gan_warm_steps)
+    def semantic_share_at(self, step: int) -> float:
+        """w at the step with 0-based index `step`: 0 for the first `naturalness_only_steps` steps, then
+        semantic_share * i / semantic_ramp_steps on the i-th step after them (linear), or semantic_share at once
+        (constant, or no ramp steps)."""
+        steps_after = step - self.naturalness_only_steps + 1
+        if steps_after <= 0:
+            return 0.0
+        if self.semantic_ramp == "constant" or self.semantic_ramp_steps == 0:
+            return self.semantic_share
+        return self.semantic_share * min(1.0, steps_after / self.semantic_ramp_steps)
 
 
 class AdvantageScales:
@@ -253,26 +282,49 @@ class AdvantageScales:
         self.mean_square, self.updates = dict(state["mean_square"]), dict(state["updates"])
 
 
+@dataclass
+class MixedAdvantages:
+    """The rewards of one micro-batch mixed into one advantage per sample.
+
+    Attributes:
+        advantages: (B, K) each sample's mixed advantage.
+        sample_rewards: (B, K) each sample's mixed reward, sum(share * reward / scale), the quantity the advantages
+            are baselined differences of.
+        greedy_rewards: (B,) the greedy captions' mixed reward, or None.
+        scales: {kind: ()} what each reward's advantage was divided by.
+    """
+
+    advantages: torch.Tensor
+    sample_rewards: torch.Tensor
+    greedy_rewards: torch.Tensor | None
+    scales: dict[str, torch.Tensor]
+
+
 def mixed_advantages(sample_rewards: dict[str, torch.Tensor], greedy_rewards: dict[str, torch.Tensor] | None,
                      shares: dict[str, float], baseline: str,
-                     scales: AdvantageScales | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(B, K) advantages mixed from several rewards put on one scale, and each reward's scale.
+                     scales: AdvantageScales | None = None) -> MixedAdvantages:
+    """Advantages mixed from several rewards put on one scale (see [`MixedAdvantages`]).
 
     Each reward ({kind: (B, K)}, greedy captions' {kind: (B,)}) gets its advantage against its own baseline, divided
     by its scale (`scales`, per-batch root mean square by default, see [`AdvantageScales`]); the scaled advantages are
     then summed with `shares` ({kind: share}; kinds at share 0 are left out of the sum, though a running scale still
-    follows them).
+    follows them), and so are the scaled rewards.
     """
     scales = scales or AdvantageScales("batch_rms")
-    mixed, used = 0.0, {}
+    advantages, used = {}, {}
     for kind, share in shares.items():
         advantage = self_critical_advantages(sample_rewards[kind], greedy_rewards and greedy_rewards[kind], baseline)
         used[kind] = scales(kind, advantage)
         if share > 0:
-            mixed = mixed + share * advantage / used[kind]
-    if not torch.is_tensor(mixed):
+            advantages[kind] = share * advantage / used[kind]
+    if not advantages:
         raise ValueError(f"every reward has share 0 ({shares}): nothing to learn from.")
-    return mixed, used
+
+    def mixed(rewards: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(shares[kind] * rewards[kind] / used[kind] for kind in advantages)
+
+    return MixedAdvantages(sum(advantages.values()), mixed(sample_rewards),
+                           mixed(greedy_rewards) if greedy_rewards else None, used)
 
 
 def self_critical_advantages(sample_rewards: torch.Tensor, greedy_rewards: torch.Tensor | None,
@@ -405,6 +457,25 @@ class SCSTBatch:
     real: dict[str, list]
 
 
+@dataclass
+class StepState:
+    """What one optimizer step gathers over its micro-batches; the trainer starts a new one after every step.
+
+    Attributes:
+        micro_batch: index of the next micro-batch in the step (it fixes where the corpus stream is read).
+        metrics: {name: [one value per micro-batch]}, averaged into the logs when the step ends.
+        problems: the parts of the step found not finite (`STEP_PROBLEMS`): the step is skipped.
+        reward_samples: the latest micro-batch's per-sample rewards and caption lengths, for reward histograms.
+        fakes: the step's sampled captions (every micro-batch's), for the discriminator's further updates.
+    """
+
+    micro_batch: int = 0
+    metrics: defaultdict = field(default_factory=lambda: defaultdict(list))
+    problems: set = field(default_factory=set)
+    reward_samples: dict = field(default_factory=dict)
+    fakes: list = field(default_factory=list)
+
+
 class ProcessSeeds(TrainerCallback):
     """Every process was seeded alike; without its own stream each would sample the same captions. A resumed run then
     loads each process's saved generator states over these."""
@@ -416,10 +487,11 @@ class ProcessSeeds(TrainerCallback):
 class SCSTTrainer(CaptionTrainer):
     """SCST with CLIP rewards and a naturalness discriminator for a [`SCSTClipCapForCaptioning`].
 
-    One optimizer step reads top-down: [`training_step`] (per micro-batch) calls [`generate_and_score`] (rollout and
-    rewards, no gradient), then the Trainer's own step, which takes [`compute_loss`] and its backward, then the
-    discriminator's backward; on the step's last micro-batch [`finish_step`] steps the discriminator or skips both
-    networks, just before the Trainer steps the captioner.
+    One optimizer step reads top-down: [`training_step`] (per micro-batch) calls [`generate_and_score`] (rollout,
+    [`caption_rewards`], [`advantages`]; no gradient), then the Trainer's own step, which takes [`compute_loss`] and
+    its backward, then the discriminator's backward; on the step's last micro-batch [`finish_step`] steps the
+    discriminator or skips both networks, just before the Trainer steps the captioner. What a step gathers lives in
+    `self.step` ([`StepState`]), replaced by a new one when the step ends.
 
     Args:
         model: the captioner, usually the output of stage `init`.
@@ -455,7 +527,7 @@ class SCSTTrainer(CaptionTrainer):
         self.captioner_config = model.config
         if self.captioner_config.eos_token_id is None:
             raise ValueError("the captioner's config has no eos_token_id: captions could not end.")
-        self.rewards = rewards or ClipRewards.from_model_config(model.config, args.semantic_weights, args.device)
+        self.rewards = rewards or ClipRewards.from_model_config(model.config, args.semantic_reward_weights, args.device)
         check_clip_metadata(read_clip_metadata(images), self.rewards.metadata,
                             "the training images table (its features feed the CLIP rewards)")
         self.discriminator = (discriminator or build_discriminator(args, processing_class)).to(args.device)
@@ -463,18 +535,14 @@ class SCSTTrainer(CaptionTrainer):
         self.advantage_scales = AdvantageScales(args.advantage_scaling, args.advantage_scale_momentum,
                                                 reduce=lambda value: self.accelerator.reduce(value, "mean"))
         training_sentences, self.heldout_sentences = split_heldout(corpus, args.discriminator_heldout_share, args.seed)
-        self.real_sentences = CorpusStream(training_sentences, args.seed, with_features=args.mmd_weight > 0)
+        self.corpus_stream = CorpusStream(training_sentences, args.seed, with_features=args.mmd_weight > 0)
         self.evaluator = evaluator
         if evaluator is not None:
             evaluator.extra_metrics.append(self.discriminator_accuracy)
         self.skipped_steps = 0
-        self._reward_samples = {}
         self._metrics = defaultdict(list)
-        # This optimizer step's state, cleared by finish_step: per-micro-batch metrics, non-finite findings, and the
-        # micro-batch index (which fixes where the corpus stream is read).
-        self._step_metrics = defaultdict(list)
-        self._step_problems = set()
-        self._micro_step = 0
+        self.step, self.finished_step = StepState(), StepState()
+        self.replay: list[str] = []  # earlier steps' captions, the same on every process (see discriminator_replay)
 
     # ---- one step, top-down
 
@@ -486,7 +554,7 @@ class SCSTTrainer(CaptionTrainer):
         batch = self.generate_and_score(self._prepare_inputs(inputs))
         loss = super().training_step(model, batch, num_items_in_batch)
         self.train_discriminator(batch.real["text"], batch.sample_texts)
-        self._micro_step += 1
+        self.step.micro_batch += 1
         if self.accelerator.sync_gradients:
             self.finish_step()
         return loss
@@ -507,24 +575,29 @@ class SCSTTrainer(CaptionTrainer):
         # caches its bf16 copies of the weights while it lasts, casts them once per rollout, not once per token.
         with self.accelerator.autocast():
             samples, sample_texts, greedy_texts = self.roll_out(features)
-            advantages = self.advantages(sample_texts, greedy_texts, features, inputs.get("agg_features"))
+            images = torch.arange(len(features), device=features.device).repeat_interleave(self.args.num_samples)
+            if greedy_texts:
+                images = torch.cat((images, torch.arange(len(features), device=features.device)))
+            rewards = self.caption_rewards(sample_texts + (greedy_texts or []), features, inputs.get("agg_features"),
+                                           images)
+            advantages = self.advantages(rewards, len(features), with_greedy=bool(greedy_texts))
         self.record_captions(sample_texts, greedy_texts, samples)
         num_samples = self.args.num_samples
         return SCSTBatch(
             prefix_features=features.repeat_interleave(num_samples, dim=0), samples=samples,
             advantages=advantages.flatten(), sample_texts=sample_texts, greedy_texts=greedy_texts,
-            real=self.real_sentences.take(self.stream_position(), len(sample_texts)))
+            real=self.corpus_stream.take(self.stream_position(), len(sample_texts)))
 
     def compute_loss(self, model, inputs: SCSTBatch, return_outputs=False, num_items_in_batch=None):
         """-mean(advantage * log p(token)) over the samples' caption tokens (+ the MMD term)."""
         token_log_probs, mask, prefix_embeds = self.sample_log_probs(model, inputs.prefix_features, inputs.samples)
         loss = policy_gradient_loss(token_log_probs, mask, inputs.advantages)
-        self._step_metrics["policy_loss"].append(loss.item())
+        self.step.metrics["policy_loss"].append(loss.item())
         if self.args.mmd_weight > 0:
             image_prefix = prefix_embeds[:: self.args.num_samples]
             loss = loss + self.args.mmd_weight * self.mmd(model, image_prefix, inputs.real["clip_features"])
         if not torch.isfinite(loss):
-            self._step_problems.add("loss")
+            self.step.problems.add("loss")
         return loss
 
     # ---- rollout and rewards (no gradient)
@@ -577,42 +650,46 @@ class SCSTTrainer(CaptionTrainer):
         texts = self.processing_class.batch_decode(token_ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def advantages(self, sample_texts: list[str], greedy_texts: list[str] | None, features: torch.Tensor,
-                   agg_features: torch.Tensor | None) -> torch.Tensor:
-        """(B, K) advantages of the samples, the semantic and naturalness rewards put on one scale and mixed (see
-        [`mixed_advantages`]); records every raw reward's mean and each advantage's scale."""
-        num_images, num_samples = len(features), self.args.num_samples
-        texts = sample_texts + (greedy_texts or [])
-        owner = torch.cat((torch.arange(num_images).repeat_interleave(num_samples),
-                           torch.arange(num_images if greedy_texts else 0))).to(features.device)
+    def caption_rewards(self, texts: list[str], features: torch.Tensor, agg_features: torch.Tensor | None,
+                        images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each caption's float32 rewards (N,): the CLIP scores against its image (row `images[i]` of `features`;
+        `clip_cos`, ..., and their weighted sum `semantic`, see [`ClipRewards`]) and the discriminator's
+        `naturalness`. A reward that is not finite marks the step to be skipped."""
         if self.args.shuffle_semantic_reward:
-            owner = (owner + 1) % num_images  # each caption judged against the next image of the micro-batch
-        semantic = self.rewards(texts, features[owner], None if agg_features is None else agg_features[owner])
-        naturalness = self.discriminator.scores(texts).to(features.device)
-        weight = semantic_weight_at(self.state.global_step, self.args.reward_weight, self.args.gan_training_steps,
-                                    self.args.gan_warm_steps, self.args.reward_ramp)
-        raw = {"semantic": semantic["semantic"], "naturalness": naturalness}
-        if not all(torch.isfinite(values).all() for values in raw.values()):
-            self._step_problems.add("rewards")
-        sample_count = num_images * num_samples
-        advantages, scales = mixed_advantages(
-            {kind: values[:sample_count].view(num_images, num_samples) for kind, values in raw.items()},
-            {kind: values[sample_count:] for kind, values in raw.items()} if greedy_texts else None,
-            {"semantic": weight, "naturalness": 1 - weight}, self.args.baseline, self.advantage_scales)
-        mixed = sum(share * raw[kind] / scales[kind] for kind, share in
-                    (("semantic", weight), ("naturalness", 1 - weight)) if share > 0)
-        logged = {**{f"reward_{name}": value for name, value in semantic.items()}, "reward_naturalness": naturalness,
-                  "reward": mixed}
+            images = (images + 1) % len(features)  # each caption judged against the next image of the micro-batch
+        rewards = self.rewards(texts, features[images], None if agg_features is None else agg_features[images])
+        rewards["naturalness"] = self.discriminator.scores(texts).to(features.device)
+        if not all(torch.isfinite(rewards[kind]).all() for kind in REWARD_KINDS):
+            self.step.problems.add("rewards")
+        return rewards
+
+    def advantages(self, rewards: dict[str, torch.Tensor], num_images: int, with_greedy: bool) -> torch.Tensor:
+        """(B, K) advantages of the samples: the semantic and naturalness rewards of the captions (the B * K samples,
+        then the B greedy captions when `with_greedy`) put on one scale and mixed at this step's semantic share (see
+        [`mixed_advantages`])."""
+        share, sample_count = self.args.semantic_share_at(self.state.global_step), num_images * self.args.num_samples
+        mixed = mixed_advantages(
+            {kind: rewards[kind][:sample_count].view(num_images, -1) for kind in REWARD_KINDS},
+            {kind: rewards[kind][sample_count:] for kind in REWARD_KINDS} if with_greedy else None,
+            {"semantic": share, "naturalness": 1 - share}, self.args.baseline, self.advantage_scales)
+        self.record_rewards({name: values[:sample_count] for name, values in rewards.items()}, mixed, share)
+        return mixed.advantages
+
+    def record_rewards(self, sample_rewards: dict[str, torch.Tensor], mixed: MixedAdvantages, share: float):
+        """The step's reward metrics: each reward's and the mixed reward's mean over the samples (and the greedy
+        captions'), the scales, the share, and the per-sample values for reward histograms."""
+        logged = {**{f"reward_{name}": values for name, values in sample_rewards.items()},
+                  "reward": mixed.sample_rewards.flatten()}
         for name, values in logged.items():
-            self._step_metrics[name].append(values[:sample_count].mean().item())
-            self._reward_samples[name] = values[:sample_count].tolist()
-        if greedy_texts:
-            self._step_metrics["reward_greedy"].append(mixed[sample_count:].mean().item())
-        for kind, scale in scales.items():
-            self._step_metrics[f"advantage_scale_{kind}"].append(scale.item())
-        self._step_metrics["reward_weight"].append(weight)
-        self._step_metrics["advantage_std"].append(advantages.std().item() if advantages.numel() > 1 else 0.0)
-        return advantages
+            self.step.metrics[name].append(values.mean().item())
+            self.step.reward_samples[name] = values.tolist()
+        if mixed.greedy_rewards is not None:
+            self.step.metrics["reward_greedy"].append(mixed.greedy_rewards.mean().item())
+        for kind, scale in mixed.scales.items():
+            self.step.metrics[f"advantage_scale_{kind}"].append(scale.item())
+        self.step.metrics["semantic_share"].append(share)
+        advantages = mixed.advantages
+        self.step.metrics["advantage_std"].append(advantages.std().item() if advantages.numel() > 1 else 0.0)
 
     def discriminator_accuracy(self, predictions: dict[str, str]) -> dict[str, float]:
         """The discriminator's accuracy on sentences it never trained on: held-out corpus sentences (real) and the
@@ -628,19 +705,19 @@ class SCSTTrainer(CaptionTrainer):
 
     def stream_position(self) -> int:
         """Where this micro-batch reads the corpus stream: one slot per (step, micro-batch, process)."""
-        slot = (self.state.global_step * self.args.gradient_accumulation_steps + self._micro_step) \
+        slot = (self.state.global_step * self.args.gradient_accumulation_steps + self.step.micro_batch) \
             * self.accelerator.num_processes + self.accelerator.process_index
         return slot * self.args.per_device_train_batch_size * self.args.num_samples
 
     def record_captions(self, sample_texts: list[str], greedy_texts: list[str] | None, samples: torch.Tensor):
-        self._reward_samples["caption_length"] = [len(text.split()) for text in sample_texts]
+        self.step.reward_samples["caption_length"] = [len(text.split()) for text in sample_texts]
         statistics = caption_statistics(sample_texts)
         for name in ("caption_length", "distinct_1", "distinct_2", "repeated_word_share"):
-            self._step_metrics[name].append(statistics[name])
+            self.step.metrics[name].append(statistics[name])
         per_image = greedy_texts or sample_texts[:: self.args.num_samples]
-        self._step_metrics["same_caption_share"].append(shared_caption_share(per_image))
+        self.step.metrics["same_caption_share"].append(shared_caption_share(per_image))
         mask = caption_mask(samples, self.captioner_config.eos_token_id)
-        self._step_metrics["caption_tokens"].append(mask.sum(dim=1).float().mean().item())
+        self.step.metrics["caption_tokens"].append(mask.sum(dim=1).float().mean().item())
 
     # ---- the loss's parts (with gradient)
 
@@ -667,7 +744,7 @@ class SCSTTrainer(CaptionTrainer):
         # The text side goes through the mapper alone; its gradient joins the wrapped pass's on the same parameters.
         text_prefix = self.accelerator.unwrap_model(model).map_prefix(text_features)
         value = mmd_rbf(image_prefix.flatten(1), text_prefix.flatten(1), tuple(self.args.mmd_bandwidths))
-        self._step_metrics["mmd"].append(value.item())
+        self.step.metrics["mmd"].append(value.item())
         return value
 
     def train_discriminator(self, real: list[str], fake: list[str]):
@@ -677,10 +754,11 @@ class SCSTTrainer(CaptionTrainer):
         accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         (output.loss / accumulation).backward()
         if not torch.isfinite(output.loss):
-            self._step_problems.add("loss")
-        self._step_metrics["discriminator_loss"].append(output.loss.item())
-        self._step_metrics["discriminator_accuracy_real"].append(output.accuracy_real)
-        self._step_metrics["discriminator_accuracy_fake"].append(output.accuracy_fake)
+            self.step.problems.add("loss")
+        self.step.metrics["discriminator_loss"].append(output.loss.item())
+        self.step.metrics["discriminator_accuracy_real"].append(output.accuracy_real)
+        self.step.metrics["discriminator_accuracy_fake"].append(output.accuracy_fake)
+        self.step.fakes.extend(fake)
 
     # ---- the end of an optimizer step
 
@@ -690,10 +768,10 @@ class SCSTTrainer(CaptionTrainer):
         self.discriminator.all_reduce_gradients()
         discriminator_norm = self.discriminator.clip_gradients()
         if not torch.isfinite(discriminator_norm):
-            self._step_problems.add("discriminator gradients")
+            self.step.problems.add("discriminator gradients")
         if not gradients_are_finite(self.model_wrapped):
-            self._step_problems.add("generator gradients")
-        local = torch.tensor([float(problem in self._step_problems) for problem in STEP_PROBLEMS],
+            self.step.problems.add("generator gradients")
+        local = torch.tensor([float(problem in self.step.problems) for problem in STEP_PROBLEMS],
                              device=self.args.device)
         problems = [name for name, flag in zip(STEP_PROBLEMS, self.accelerator.reduce(local, "sum")) if flag > 0]
         if problems:
@@ -705,24 +783,47 @@ class SCSTTrainer(CaptionTrainer):
                            "(%d skipped so far).", self.state.global_step + 1, ", ".join(problems), self.skipped_steps)
         else:
             self.discriminator.step()
-        self._step_metrics["discriminator_grad_norm"].append(discriminator_norm.item())
+            self.further_discriminator_updates()
+        self.step.metrics["discriminator_grad_norm"].append(discriminator_norm.item())
         self.publish_step_metrics()
-        self._step_problems.clear()
-        self._micro_step = 0
+        self.step, self.finished_step = StepState(), self.step
+
+    def further_discriminator_updates(self):
+        """The discriminator's updates after the step's first (`discriminator_steps - 1` of them): each on corpus
+        sentences and captions drawn from this step's samples and the replayed earlier ones, as many of each as the
+        step sampled here, by a generator seeded by the seed, the step and the process, so that a resumed run draws
+        what an uninterrupted one would. An update whose gradients are not finite (on any process) is dropped."""
+        fakes = self.replay + self.step.fakes
+        count, corpus = len(self.step.fakes), self.corpus_stream.corpus
+        slot = self.state.global_step * self.accelerator.num_processes + self.accelerator.process_index
+        generator = torch.Generator().manual_seed(self.args.seed + 1_000_003 * (slot + 1))
+        for _ in range(self.args.discriminator_steps - 1):
+            real = corpus[torch.randint(len(corpus), (count,), generator=generator).tolist()]["text"]
+            fake = [fakes[row] for row in torch.randint(len(fakes), (count,), generator=generator).tolist()]
+            with self.accelerator.autocast():
+                output = self.discriminator.loss(real, fake)
+            output.loss.backward()
+            self.discriminator.all_reduce_gradients()
+            if torch.isfinite(self.discriminator.clip_gradients()):
+                self.discriminator.step()
+            else:
+                self.discriminator.skip()
+            self.step.metrics["discriminator_further_loss"].append(output.loss.item())
+        if self.args.discriminator_replay:
+            self.replay = (self.replay + gather_object(self.step.fakes))[-self.args.discriminator_replay:]
 
     def publish_step_metrics(self):
         """This step's metrics, averaged over its micro-batches and over the processes, into the logging buffer."""
-        names = sorted(self._step_metrics)
-        local = torch.tensor([sum(values) / len(values) for values in map(self._step_metrics.get, names)],
+        names = sorted(self.step.metrics)
+        local = torch.tensor([sum(values) / len(values) for values in map(self.step.metrics.get, names)],
                              dtype=torch.float64, device=self.args.device)
         for name, value in zip(names, self.accelerator.reduce(local, "mean").tolist()):
             self._metrics[name].append(value)
-        self._step_metrics.clear()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs["skipped_steps"] = self.skipped_steps  # a running count, not averaged over the logging window
-            if self._reward_samples and self.args.should_save:
+            if self.finished_step.reward_samples and self.args.should_save:
                 self.write_reward_samples()
         super().log(logs, start_time)
 
@@ -731,26 +832,27 @@ class SCSTTrainer(CaptionTrainer):
         logging step, for reward histograms."""
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, REWARD_SAMPLES_FILE), "a") as samples:
-            samples.write(json.dumps({"step": self.state.global_step, **self._reward_samples}) + "\n")
+            samples.write(json.dumps({"step": self.state.global_step, **self.finished_step.reward_samples}) + "\n")
 
     # ---- schedules, checkpoints
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self.discriminator.create_scheduler(num_training_steps)
+        self.discriminator.create_scheduler(num_training_steps * self.args.discriminator_steps)
         return scheduler
 
     def ensure_discriminator_scheduler(self):
         """A DeepSpeed config with its own scheduler bypasses `create_scheduler`: the discriminator's is made here."""
         if self.discriminator.scheduler is None:
-            self.discriminator.create_scheduler(self.state.max_steps)
+            self.discriminator.create_scheduler(self.state.max_steps * self.args.discriminator_steps)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             self.discriminator.save(os.path.join(checkpoint, DISCRIMINATOR_FOLDER),
                                     extra_state={"skipped_steps": self.skipped_steps,
-                                                 "advantage_scales": self.advantage_scales.state_dict()})
+                                                 "advantage_scales": self.advantage_scales.state_dict(),
+                                                 "replay": self.replay})
         super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -762,6 +864,7 @@ class SCSTTrainer(CaptionTrainer):
             self.skipped_steps = extra.get("skipped_steps", 0)
             if "advantage_scales" in extra:
                 self.advantage_scales.load_state_dict(extra["advantage_scales"])
+            self.replay = list(extra.get("replay", []))
 
 
 def gradients_are_finite(model) -> bool:
@@ -784,7 +887,7 @@ def check_tables(images, corpus, args: SCSTConfig):
     """Clear errors for tables that lack what the settings need."""
     if "clip_features" not in images.column_names:
         raise ValueError(f"the training images table has no clip_features column (columns: {images.column_names}).")
-    if args.semantic_weights.needs_aggregates and "agg_text_features" not in images.column_names:
+    if args.semantic_reward_weights.needs_aggregates and "agg_text_features" not in images.column_names:
         raise ValueError("agg_cos_weight / agg_l1_weight > 0 need agg_text_features in the training images table: "
                          "make it with `prepare_datasets.py aggregate`.")
     if "text" not in corpus.column_names or len(corpus) == 0:
