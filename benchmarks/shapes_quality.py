@@ -315,9 +315,10 @@ def write_summary(setting: Setting, seeds: list[int]) -> str:
          "trajectories": trajectories}, indent=1))
     if trajectories:
         plot_trajectories(trajectories, out / "trajectories.png")
+    scst_steps = setting.scst_steps or "the recipe's"
     lines = [f"# Shapes world, {setting.clip} CLIP, {setting.corpus} corpus: test split, mean ± sd over seeds", "",
              "Every setting and checkpoint was chosen on validation; test was read once per row and seed. "
-             f"Scst rows trained {setting.scst_steps or 'the recipe'}'s steps.", "",
+             f"Scst rows trained {scst_steps} steps.", "",
              summary_table(rows, COLUMNS), "", "## Paired differences (same seed, same init)", "",
              paired_table(rows), ""]
     for name, steps in trajectories.items():
