@@ -22,6 +22,9 @@ Rows, each the recipe `configs/shapes.yaml` with one change, every scst row from
   a linear ramp to share 0.5;
 - `shuffled`: the chosen mix with each caption's semantic reward computed against another image, the control of a
   reward that does not know the image;
+- `mix_replay_critic` / `shuffled_replay_critic`: the mix at share 0.5 with a discriminator that takes five updates a
+  step on fresh sentences and replayed captions (see `SCST_ROWS`) / the same with the shuffled semantic reward;
+- `discriminator_only_replay_critic`: that discriminator's reward alone (share 0);
 - `supervised`: the same model trained on every reference of every training image, the upper bound.
 
 Results are keyed by a hash of a row's full settings (world, corpus, flags, the recipe file, the init it starts
@@ -66,8 +69,13 @@ SCST_ROWS = {
     # sentences against captions drawn from this step's samples and the last 4000 generated (25 steps' worth).
     "mix_replay_critic": ("--semantic_share", "0.5", "--discriminator_steps", "5", "--discriminator_replay", "4000"),
 }
+# The replay critic's mix with each caption's semantic reward computed against another image: that mix's own control
+# (`shuffled` controls the recipe's one-update mix); what this row gains over the init does not come from the image.
+SCST_ROWS["shuffled_replay_critic"] = (*SCST_ROWS["mix_replay_critic"], "--shuffle_semantic_reward", "true")
+# That critic's reward alone: what the discriminator's half is worth without CLIP's.
+SCST_ROWS["discriminator_only_replay_critic"] = ("--semantic_share", "0.0", *SCST_ROWS["mix_replay_critic"][2:])
 ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "mix_slow_critic", "mix_replay_critic", "cgtgan",
-        "shuffled", "supervised")
+        "shuffled", "shuffled_replay_critic", "discriminator_only_replay_critic", "supervised")
 COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribute_recall", "parse_rate",
            "repeated_word_share", "distinct_2", "caption_length", "attribute_f1", "cider", "bleu_4", "clip_s",
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
@@ -76,7 +84,10 @@ PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discrim
          ("mix@last", "init"), ("clip_only@last", "init"), ("mix_slow_critic", "init"),
          ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"), ("mix_slow_critic@last", "clip_only@last"),
          ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"), ("mix_replay_critic@last", "init"),
-         ("mix_replay_critic@last", "clip_only@last"))
+         ("mix_replay_critic@last", "clip_only@last"), ("shuffled_replay_critic", "init"),
+         ("shuffled_replay_critic@last", "init"), ("mix_replay_critic", "shuffled_replay_critic"),
+         ("discriminator_only_replay_critic", "init"), ("discriminator_only_replay_critic@last", "init"),
+         ("mix_replay_critic", "discriminator_only_replay_critic"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
