@@ -57,6 +57,8 @@ MIX_SHARES = (0.5, 0.8)
 CGTGAN = ("--advantage_scaling", "none", "--baseline", "greedy", "--semantic_share", "0.5", "--semantic_ramp", "linear",
           "--naturalness_only_steps", "15", "--semantic_ramp_steps", "235", "--clip_cos_weight", "0",
           "--agg_cos_weight", "0.5", "--agg_l1_weight", "0.5")
+# The discriminator's updates a step and the replay buffer of the `*_replay_critic` rows.
+REPLAY_CRITIC = ("--discriminator_steps", "5", "--discriminator_replay", "4000")
 SCST_ROWS = {
     "noop": ("--learning_rate", "0"),
     "clip_only": ("--semantic_share", "1.0"),
@@ -67,13 +69,13 @@ SCST_ROWS = {
     "mix_slow_critic": ("--semantic_share", "0.5", "--discriminator_learning_rate", "1e-4"),
     # The mix with a critic that keeps up and remembers: five updates a step, the further four on fresh corpus
     # sentences against captions drawn from this step's samples and the last 4000 generated (25 steps' worth).
-    "mix_replay_critic": ("--semantic_share", "0.5", "--discriminator_steps", "5", "--discriminator_replay", "4000"),
+    "mix_replay_critic": ("--semantic_share", "0.5", *REPLAY_CRITIC),
+    # Its control: each caption's semantic reward computed against another image (`shuffled` controls the recipe's
+    # one-update mix); what this row gains over the init does not come from the image.
+    "shuffled_replay_critic": ("--semantic_share", "0.5", *REPLAY_CRITIC, "--shuffle_semantic_reward", "true"),
+    # That critic's reward alone: what the discriminator's half is worth without CLIP's.
+    "discriminator_only_replay_critic": ("--semantic_share", "0.0", *REPLAY_CRITIC),
 }
-# The replay critic's mix with each caption's semantic reward computed against another image: that mix's own control
-# (`shuffled` controls the recipe's one-update mix); what this row gains over the init does not come from the image.
-SCST_ROWS["shuffled_replay_critic"] = (*SCST_ROWS["mix_replay_critic"], "--shuffle_semantic_reward", "true")
-# That critic's reward alone: what the discriminator's half is worth without CLIP's.
-SCST_ROWS["discriminator_only_replay_critic"] = ("--semantic_share", "0.0", *SCST_ROWS["mix_replay_critic"][2:])
 ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "mix_slow_critic", "mix_replay_critic", "cgtgan",
         "shuffled", "shuffled_replay_critic", "discriminator_only_replay_critic", "supervised")
 COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribute_recall", "parse_rate",
