@@ -8,7 +8,7 @@
 A setting is a world (its CLIP: `plain` or `sighted`, read from the world's own summary) and a corpus (`in_domain`:
 the references' phrasing; `cross_domain`: other templates and synonyms). Each seed redraws the captioner's and the
 discriminator's initial weights and the sampling; the world stays fixed. Every choice is made on the validation split
-and recorded by the code in `choices` (the init's noise level, the mix's semantic share); the test split is read once
+and recorded by the code in `choices` (the init's noise level, each mix's semantic share); the test split is read once
 per reported row.
 
 Rows, each the recipe `configs/shapes.yaml` with one change, every scst row from the seed's chosen init:
@@ -22,8 +22,9 @@ Rows, each the recipe `configs/shapes.yaml` with one change, every scst row from
   a linear ramp to share 0.5;
 - `shuffled`: the chosen mix with each caption's semantic reward computed against another image, the control of a
   reward that does not know the image;
-- `mix_replay_critic` / `shuffled_replay_critic`: the mix at share 0.5 with a discriminator that takes five updates a
-  step on fresh sentences and replayed captions (see `SCST_ROWS`) / the same with the shuffled semantic reward;
+- `mix_replay_critic` / `shuffled_replay_critic`: the mix with a discriminator that takes five updates a step on fresh
+  sentences and replayed captions (see `SHARE_CHOSEN`), its share chosen on validation like `mix`'s and each
+  candidate reported as `mix_replay_critic_<share>` / the same at the chosen share with the shuffled semantic reward;
 - `discriminator_only_replay_critic`: that discriminator's reward alone (share 0);
 - `supervised`: the same model trained on every reference of every training image, the upper bound.
 
@@ -67,29 +68,37 @@ SCST_ROWS = {
     # The mix with a critic ten times slower than the recipe's: at the recipe's rate the discriminator swings between
     # calling every caption real and none, so its reward chases a moving target.
     "mix_slow_critic": ("--semantic_share", "0.5", "--discriminator_learning_rate", "1e-4"),
-    # The mix with a critic that keeps up and remembers: five updates a step, the further four on fresh corpus
-    # sentences against captions drawn from this step's samples and the last 4000 generated (25 steps' worth).
-    "mix_replay_critic": ("--semantic_share", "0.5", *REPLAY_CRITIC),
-    # Its control: each caption's semantic reward computed against another image (`shuffled` controls the recipe's
-    # one-update mix); what this row gains over the init does not come from the image.
-    "shuffled_replay_critic": ("--semantic_share", "0.5", *REPLAY_CRITIC, "--shuffle_semantic_reward", "true"),
-    # That critic's reward alone: what the discriminator's half is worth without CLIP's.
+    # The replay critic's reward alone (see `SHARE_CHOSEN`): what the discriminator's half is worth without CLIP's.
     "discriminator_only_replay_critic": ("--semantic_share", "0.0", *REPLAY_CRITIC),
 }
+# Rows whose semantic share is chosen on validation among `--mix_shares`, and the flags they add to the recipe.
+SHARE_CHOSEN = {
+    "mix": (),
+    # The mix with a critic that keeps up and remembers: five updates a step, the further four on fresh corpus
+    # sentences against captions drawn from this step's samples and the last 4000 generated (25 steps' worth).
+    "mix_replay_critic": REPLAY_CRITIC,
+}
+# The controls of a reward that does not know the image: a chosen mix (and its share) with each caption's semantic
+# reward computed against another image of its micro-batch; what such a row gains over the init does not come from
+# the image.
+SHUFFLED = {"shuffled": "mix", "shuffled_replay_critic": "mix_replay_critic"}
 ROWS = ("init", "noop", "clip_only", "discriminator_only", "mix", "mix_slow_critic", "mix_replay_critic", "cgtgan",
         "shuffled", "shuffled_replay_critic", "discriminator_only_replay_critic", "supervised")
 COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribute_recall", "parse_rate",
            "repeated_word_share", "distinct_2", "caption_length", "attribute_f1", "cider", "bleu_4", "clip_s",
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
 PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
-         ("cgtgan", "init"), ("shuffled", "init"), ("noop", "init"), ("mix@last", "clip_only@last"),
+         ("discriminator_only@last", "init"), ("cgtgan", "init"), ("cgtgan", "clip_only"), ("cgtgan@last", "init"),
+         ("mix_replay_critic", "cgtgan"), ("shuffled", "init"), ("noop", "init"), ("mix@last", "clip_only@last"),
          ("mix@last", "init"), ("clip_only@last", "init"), ("mix_slow_critic", "init"),
          ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"), ("mix_slow_critic@last", "clip_only@last"),
          ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"), ("mix_replay_critic@last", "init"),
          ("mix_replay_critic@last", "clip_only@last"), ("shuffled_replay_critic", "init"),
          ("shuffled_replay_critic@last", "init"), ("mix_replay_critic", "shuffled_replay_critic"),
          ("discriminator_only_replay_critic", "init"), ("discriminator_only_replay_critic@last", "init"),
-         ("mix_replay_critic", "discriminator_only_replay_critic"))
+         ("mix_replay_critic", "discriminator_only_replay_critic"), ("mix_replay_critic_0.5", "init"),
+         ("mix_replay_critic_0.8", "init"), ("mix_replay_critic_0.5@last", "init"),
+         ("mix_replay_critic_0.8@last", "init"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
@@ -211,28 +220,31 @@ class SeedRun:
                                                                for k, v in candidates.items()}
         return candidates[level]
 
-    def best_mix(self, start: str, shares: list[float]) -> dict:
-        candidates = {share: self.train(f"mix_{share}", "scst", ("--semantic_share", str(share)), start)
+    def best_share(self, row: str, flags: tuple[str, ...], start: str, shares: list[float]) -> dict:
+        """The row's recipe at the semantic share best on validation among `shares`, each candidate also reported as
+        `<row>_<share>`; the choice is recorded as `<row>_semantic_share`."""
+        candidates = {share: self.train(f"{row}_{share}", "scst", (*flags, "--semantic_share", str(share)), start)
                       for share in shares}
         share = max(candidates, key=lambda value: candidates[value]["validation_best"])
-        self.results["choices"]["semantic_share"] = share
-        self.results["choices"]["mix_validation_by_share"] = {str(k): v["validation_best"]
-                                                              for k, v in candidates.items()}
+        self.results["choices"][f"{row}_semantic_share"] = share
+        self.results["choices"][f"{row}_validation_by_share"] = {str(k): v["validation_best"]
+                                                                 for k, v in candidates.items()}
         for candidate, entry in candidates.items():
-            self.test(f"mix_{candidate}", entry)
+            self.test(f"{row}_{candidate}", entry)
         return candidates[share]
 
     def run(self, rows: list[str], noise_levels: list[float], shares: list[float]):
         init = self.best_init(noise_levels)
         self.test("init", init)
         for row in rows:
-            if row == "mix":
-                self.test("mix", self.best_mix(init["final"], shares))
-            elif row == "shuffled":  # the chosen mix, its semantic reward computed against another image
-                self.best_mix(init["final"], shares)
-                share = str(self.results["choices"]["semantic_share"])
-                self.test(row, self.train(row, "scst", ("--shuffle_semantic_reward", "true", "--semantic_share", share),
-                                          init["final"]))
+            if row in SHARE_CHOSEN:
+                self.test(row, self.best_share(row, SHARE_CHOSEN[row], init["final"], shares))
+            elif row in SHUFFLED:  # the chosen mix, its semantic reward computed against another image
+                mix = SHUFFLED[row]
+                self.best_share(mix, SHARE_CHOSEN[mix], init["final"], shares)
+                share = str(self.results["choices"][f"{mix}_semantic_share"])
+                self.test(row, self.train(row, "scst", (*SHARE_CHOSEN[mix], "--shuffle_semantic_reward", "true",
+                                                        "--semantic_share", share), init["final"]))
             elif row == "supervised":
                 self.test(row, self.train(row, "supervised", ()))
             elif row in SCST_ROWS:
