@@ -89,15 +89,15 @@ COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribut
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
 PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
          ("discriminator_only@last", "init"), ("cgtgan", "init"), ("cgtgan", "clip_only"), ("cgtgan@last", "init"),
-         ("mix_replay_critic", "cgtgan"), ("shuffled", "init"), ("noop", "init"), ("mix@last", "clip_only@last"),
-         ("mix@last", "init"), ("clip_only@last", "init"), ("mix_slow_critic", "init"),
-         ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"), ("mix_slow_critic@last", "clip_only@last"),
-         ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"), ("mix_replay_critic@last", "init"),
-         ("mix_replay_critic@last", "clip_only@last"), ("shuffled_replay_critic", "init"),
-         ("shuffled_replay_critic@last", "init"), ("mix_replay_critic", "shuffled_replay_critic"),
-         ("discriminator_only_replay_critic", "init"), ("discriminator_only_replay_critic@last", "init"),
-         ("mix_replay_critic", "discriminator_only_replay_critic"), ("mix_replay_critic_0.5", "init"),
-         ("mix_replay_critic_0.8", "init"), ("mix_replay_critic_0.5@last", "init"),
+         ("mix_replay_critic", "cgtgan"), ("mix_replay_critic", "supervised"), ("shuffled", "init"), ("noop", "init"),
+         ("noop@last", "init"), ("mix@last", "clip_only@last"), ("mix@last", "init"), ("clip_only@last", "init"),
+         ("mix_slow_critic", "init"), ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"),
+         ("mix_slow_critic@last", "clip_only@last"), ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"),
+         ("mix_replay_critic@last", "init"), ("mix_replay_critic@last", "clip_only@last"),
+         ("shuffled_replay_critic", "init"), ("shuffled_replay_critic@last", "init"),
+         ("mix_replay_critic", "shuffled_replay_critic"), ("discriminator_only_replay_critic", "init"),
+         ("discriminator_only_replay_critic@last", "init"), ("mix_replay_critic", "discriminator_only_replay_critic"),
+         ("mix_replay_critic_0.5", "init"), ("mix_replay_critic_0.8", "init"), ("mix_replay_critic_0.5@last", "init"),
          ("mix_replay_critic_0.8@last", "init"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
