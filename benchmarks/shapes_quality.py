@@ -211,24 +211,25 @@ class SeedRun:
             self.test(f"{name}@last", last)
         return entry
 
+    def choose(self, candidates: dict[float, dict], choice: str, scores: str) -> float:
+        """The candidate best on validation, recorded as `choice`, with every candidate's validation score as
+        `scores`."""
+        best = max(candidates, key=lambda value: candidates[value]["validation_best"])
+        self.results["choices"][choice] = best
+        self.results["choices"][scores] = {str(value): entry["validation_best"] for value, entry in candidates.items()}
+        return best
+
     def best_init(self, noise_levels: list[float]) -> dict:
         candidates = {level: self.train(f"init_noise_{level}", "init", ("--noise_std", str(level)))
                       for level in noise_levels}
-        level = max(candidates, key=lambda value: candidates[value]["validation_best"])
-        self.results["choices"]["noise_std"] = level
-        self.results["choices"]["init_validation_by_noise"] = {str(k): v["validation_best"]
-                                                               for k, v in candidates.items()}
-        return candidates[level]
+        return candidates[self.choose(candidates, "noise_std", "init_validation_by_noise")]
 
     def best_share(self, row: str, flags: tuple[str, ...], start: str, shares: list[float]) -> dict:
         """The row's recipe at the semantic share best on validation among `shares`, each candidate also reported as
         `<row>_<share>`; the choice is recorded as `<row>_semantic_share`."""
         candidates = {share: self.train(f"{row}_{share}", "scst", (*flags, "--semantic_share", str(share)), start)
                       for share in shares}
-        share = max(candidates, key=lambda value: candidates[value]["validation_best"])
-        self.results["choices"][f"{row}_semantic_share"] = share
-        self.results["choices"][f"{row}_validation_by_share"] = {str(k): v["validation_best"]
-                                                                 for k, v in candidates.items()}
+        share = self.choose(candidates, f"{row}_semantic_share", f"{row}_validation_by_share")
         for candidate, entry in candidates.items():
             self.test(f"{row}_{candidate}", entry)
         return candidates[share]
