@@ -89,8 +89,9 @@ COLUMNS = ("fluent_attribute_f1", "fluent_attribute_precision", "fluent_attribut
            "discriminator_accuracy_real", "discriminator_accuracy_fake")
 PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discriminator_only", "init"),
          ("discriminator_only@last", "init"), ("cgtgan", "init"), ("cgtgan", "clip_only"), ("cgtgan@last", "init"),
-         ("mix_replay_critic", "cgtgan"), ("mix_replay_critic", "supervised"), ("shuffled", "init"), ("noop", "init"),
-         ("noop@last", "init"), ("mix@last", "clip_only@last"), ("mix@last", "init"), ("clip_only@last", "init"),
+         ("cgtgan@last", "clip_only@last"), ("mix_replay_critic", "cgtgan"), ("mix_replay_critic", "supervised"),
+         ("shuffled", "init"), ("noop", "init"), ("noop@last", "init"), ("mix@last", "clip_only@last"),
+         ("mix@last", "init"), ("clip_only@last", "init"),
          ("mix_slow_critic", "init"), ("mix_slow_critic", "clip_only"), ("mix_slow_critic@last", "init"),
          ("mix_slow_critic@last", "clip_only@last"), ("mix_replay_critic", "init"), ("mix_replay_critic", "clip_only"),
          ("mix_replay_critic@last", "init"), ("mix_replay_critic@last", "clip_only@last"),
