@@ -29,7 +29,8 @@ Rows, each the recipe `configs/shapes.yaml` with one change, every scst row from
 - `supervised`: the same model trained on every reference of every training image, the upper bound.
 
 Results are keyed by a hash of a row's full settings (world, corpus, flags, the recipe file, the init it starts
-from): a row measured under other settings is never reported again, and its folder is not reused. Written to
+from): a row measured under other settings is never reported again, and its folder is not reused; a row stopped
+part-way resumes from its folder's newest complete checkpoint when the benchmark is run again. Written to
 `--output_dir/<world>_<corpus>/`: `seed_<n>/results.json` after every row, `quality.json` and `quality.md` (mean ± sd
 per row, paired per-seed differences, validation trajectories) and `trajectories.png`.
 """
@@ -179,9 +180,12 @@ class SeedRun:
         if entry is not None:
             return entry
         output_dir = self.dir / f"{row}-{key}"
+        # A row stopped part-way (a crash, a killed process) goes on from its newest complete checkpoint: the folder
+        # is named by the key, so what it holds was trained under these very settings, and a resumed run ends with
+        # the weights of an uninterrupted one.
         train.main(["--config", str(RECIPE), "--stage", stage, "--output_dir", str(output_dir), "--seed",
                     str(self.seed), *self.setting.flags(stage), *(["--model_name_or_path", start] if start else []),
-                    *flags])
+                    *flags, "--resume_from_checkpoint", "latest"])
         state = json.loads((output_dir / stage / "trainer_state.json").read_text())
         if state.get("best_metric") is None:
             raise SystemExit(f"{output_dir / stage} recorded no validation metric: the recipe must evaluate on val")

@@ -10,6 +10,7 @@ row whose key is not found would be trained, and training on this empty world fa
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,34 @@ def test_paired_differences_are_taken_seed_by_seed(quality, setting):
 
     assert "| clip_only − init | 2 | " + " | ".join(["0.200 ± 0.141"] * len(quality.PAIRED_COLUMNS)) + " |" in lines
     assert not any(line.startswith("| mix − ") for line in lines)
+
+
+def test_a_row_stopped_part_way_resumes_in_its_folder_when_the_benchmark_runs_again(quality, setting, monkeypatch):
+    """The benchmark's process is killed while a row trains, then run again: the row must go on in the folder its key
+    names, from that folder's newest complete checkpoint (`train.py` resumes exactly: tests/test_fault_injection.py),
+    not start over elsewhere. `train.main` stands in for the training process here; it records how it was called."""
+    calls = []
+
+    def killed(argv):
+        calls.append(argv)
+        raise KeyboardInterrupt  # the process ends part-way: nothing is written to results.json
+
+    def finishes(argv):
+        calls.append(argv)
+        stage_dir = Path(argv[argv.index("--output_dir") + 1]) / "scst"
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "trainer_state.json").write_text(json.dumps({"best_metric": 0.6, "log_history": []}))
+
+    flags = quality.SCST_ROWS["clip_only"]
+    monkeypatch.setattr(quality.train, "main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quality.SeedRun(setting, 0).train("clip_only", "scst", flags, "init/final")
+    monkeypatch.setattr(quality.train, "main", finishes)
+    entry = quality.SeedRun(setting, 0).train("clip_only", "scst", flags, "init/final")
+
+    first, again = calls
+    folder = str(setting.output_dir / "seed_0" / f"clip_only-{setting.key('clip_only', 'scst', flags, 'init/final')}")
+    assert first[first.index("--output_dir") + 1] == again[again.index("--output_dir") + 1] == folder
+    assert again[again.index("--resume_from_checkpoint") + 1] == "latest"
+    assert entry["validation_best"] == 0.6
+    assert quality.SeedRun(setting, 0).train("clip_only", "scst", flags, "init/final") == entry  # not trained again
