@@ -98,9 +98,7 @@ PAIRS = (("mix", "clip_only"), ("mix", "init"), ("clip_only", "init"), ("discrim
          ("mix_replay_critic@last", "init"), ("mix_replay_critic@last", "clip_only@last"),
          ("shuffled_replay_critic", "init"), ("shuffled_replay_critic@last", "init"),
          ("mix_replay_critic", "shuffled_replay_critic"), ("discriminator_only_replay_critic", "init"),
-         ("discriminator_only_replay_critic@last", "init"), ("mix_replay_critic", "discriminator_only_replay_critic"),
-         ("mix_replay_critic_0.5", "init"), ("mix_replay_critic_0.8", "init"), ("mix_replay_critic_0.5@last", "init"),
-         ("mix_replay_critic_0.8@last", "init"))
+         ("discriminator_only_replay_critic@last", "init"), ("mix_replay_critic", "discriminator_only_replay_critic"))
 PAIRED_COLUMNS = ("fluent_attribute_f1", "parse_rate", "repeated_word_share", "caption_length", "cider")
 TRAJECTORY = ("fluent_attribute_f1", "parse_rate", "caption_length", "repeated_word_share")
 
@@ -290,10 +288,21 @@ def summary_table(rows: dict[str, dict[int, dict]], columns: tuple[str, ...]) ->
     return "\n".join(lines)
 
 
+def share_candidates(rows: dict[str, dict[int, dict]]) -> list[str]:
+    """The `<row>_<share>` candidates among `rows` of the rows whose share is chosen (`SHARE_CHOSEN`), whichever
+    `--mix_shares` they were run at: first the selected ones, then their last steps."""
+    def is_candidate(name: str) -> bool:
+        row, _, share = name.split("@")[0].rpartition("_")
+        return row in SHARE_CHOSEN and share.replace(".", "", 1).isdigit()
+    candidates = [name for name in rows if is_candidate(name)]
+    return [name for name in candidates if "@" not in name] + [name for name in candidates if "@" in name]
+
+
 def paired_table(rows: dict[str, dict[int, dict]]) -> str:
-    """Per-seed differences between two rows (same seed, same init), mean ± sd over the seeds."""
+    """Per-seed differences between two rows (same seed, same init), mean ± sd over the seeds: `PAIRS`, then each
+    share candidate against the init."""
     lines = ["| difference | seeds | " + " | ".join(PAIRED_COLUMNS) + " |", "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
-    for first, second in PAIRS:
+    for first, second in [*PAIRS, *((candidate, "init") for candidate in share_candidates(rows))]:
         seeds = sorted(set(rows.get(first, {})) & set(rows.get(second, {})))
         if not seeds:
             continue

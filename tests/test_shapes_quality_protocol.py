@@ -171,3 +171,22 @@ def test_a_row_stopped_part_way_resumes_in_its_folder_when_the_benchmark_runs_ag
     assert again[again.index("--resume_from_checkpoint") + 1] == "latest"
     assert entry["validation_best"] == 0.6
     assert quality.SeedRun(setting, 0).train("clip_only", "scst", flags, "init/final") == entry  # not trained again
+
+
+def test_each_share_candidate_run_is_paired_with_the_init_whichever_shares_were_run(quality, setting):
+    init = entry(setting, "init_noise_0.1", "init", ("--noise_std", "0.1"), None,
+                 {name: 0.5 for name in quality.PAIRED_COLUMNS})
+    flags = quality.SHARE_CHOSEN["mix_replay_critic"]
+    candidates = [entry(setting, f"mix_replay_critic_{share}", "scst", (*flags, "--semantic_share", str(share)),
+                        init["final"], {name: 0.5 + share for name in quality.PAIRED_COLUMNS}, validation=share)
+                  for share in (0.3, 0.6)]
+    write_seed(setting, 0, finished([init, *candidates]))
+    quality.SeedRun(setting, 0).run(["mix_replay_critic"], [0.1], [0.3, 0.6])
+
+    rows, _ = quality.reported(setting, [0])
+    differences = [line.split(" | ")[0][2:] for line in quality.paired_table(rows).splitlines()[2:]]
+
+    assert differences[-4:] == ["mix_replay_critic_0.3 − init", "mix_replay_critic_0.6 − init",
+                                "mix_replay_critic_0.3@last − init", "mix_replay_critic_0.6@last − init"]
+    assert "| mix_replay_critic_0.6 − init | 1 | " + " | ".join(["0.600"] * len(quality.PAIRED_COLUMNS)) + " |" \
+        in quality.paired_table(rows).splitlines()
