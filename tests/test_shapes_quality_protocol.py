@@ -184,9 +184,10 @@ def test_each_share_candidate_run_is_paired_with_the_init_whichever_shares_were_
     quality.SeedRun(setting, 0).run(["mix_replay_critic"], [0.1], [0.3, 0.6])
 
     rows, _ = quality.reported(setting, [0])
-    differences = [line.split(" | ")[0][2:] for line in quality.paired_table(rows).splitlines()[2:]]
+    lines = quality.paired_table(rows).splitlines()
+    differences = [line.split(" | ")[0][2:] for line in lines[2:]]
 
     assert differences[-4:] == ["mix_replay_critic_0.3 − init", "mix_replay_critic_0.6 − init",
                                 "mix_replay_critic_0.3@last − init", "mix_replay_critic_0.6@last − init"]
-    assert "| mix_replay_critic_0.6 − init | 1 | " + " | ".join(["0.600"] * len(quality.PAIRED_COLUMNS)) + " |" \
-        in quality.paired_table(rows).splitlines()
+    expected = "| mix_replay_critic_0.6 − init | 1 | " + " | ".join(["0.600"] * len(quality.PAIRED_COLUMNS)) + " |"
+    assert expected in lines
